@@ -1,0 +1,302 @@
+"""The touchpoint event v1: its model (mirroring schemas/touchpoint-event.v1.schema.json),
+validation with field-level errors, and normalisation into the record written to Kafka."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from services.core.journeys import Journey
+
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+CUSTOMER_ID_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]{1,128}$"
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)"
+    r"(\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+ATTRIBUTE_KEY_PATTERN = EVENT_ID_PATTERN
+MAX_ATTRIBUTES = 20
+MAX_ATTRIBUTES_BYTES = 2048
+
+Channel = Literal["in_person", "pos", "app", "web", "call_centre", "email", "chat", "kiosk", "other"]
+Source = Literal["survey", "review", "interview", "observation", "mystery_shopper", "behavioural", "other"]
+Emotion = Literal["delighted", "pleased", "neutral", "annoyed", "frustrated", "angry"]
+
+Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
+AttributeKey = Annotated[str, StringConstraints(pattern=ATTRIBUTE_KEY_PATTERN)]
+AttributeValue = Annotated[str, StringConstraints(max_length=1024)] | bool | float
+
+FIELDS = (
+    "event_id", "occurred_at", "customer_id", "journey", "stage", "touchpoint", "channel", "source",
+    "experience", "expectation", "scale", "emotion", "revenue", "attributes",
+)  # fmt: skip
+
+# What each field allows, in words: every error names the field, what was wrong, and this.
+ALLOWED = {
+    "event_id": "1-64 characters of A-Z a-z 0-9 _ . : -",
+    "occurred_at": "an RFC 3339 timestamp with offset, e.g. 2026-11-23T10:15:00+09:00, "
+    "not more than 5 minutes in the future nor older than max_event_age",
+    "customer_id": "1-128 printable characters",
+    "journey": "a journey id of the tenant",
+    "stage": "a stage id of the journey",
+    "touchpoint": "a slug: a-z 0-9 and -, starting with a letter or digit, at most 64 characters",
+    "channel": "one of " + ", ".join(Channel.__args__),
+    "source": "one of " + ", ".join(Source.__args__),
+    "experience": "a number on the event's scale (default 0-10)",
+    "expectation": "a number on the event's scale (default 0-10); absent means the stage's promise",
+    "scale": 'an object {"min": number, "max": number} with min < max',
+    "emotion": "one of " + ", ".join(Emotion.__args__),
+    "revenue": "a number >= 0",
+    "attributes": f"a flat object of at most {MAX_ATTRIBUTES} keys (1-64 of A-Z a-z 0-9 _ . : -), "
+    f"values string (<= 1024 chars), number or boolean, at most {MAX_ATTRIBUTES_BYTES} bytes as JSON",
+}
+
+
+class Scale(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    min: float = Field(ge=-1_000_000, le=1_000_000)
+    max: float = Field(ge=-1_000_000, le=1_000_000)
+
+
+DEFAULT_SCALE = Scale(min=0.0, max=10.0)
+
+
+class TouchpointEvent(BaseModel):
+    """What a client posts: the structural rules of the JSON Schema, nothing more."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    event_id: Annotated[str, StringConstraints(pattern=EVENT_ID_PATTERN)]
+    occurred_at: Annotated[str, StringConstraints(pattern=RFC3339_PATTERN)]
+    customer_id: Annotated[str, StringConstraints(pattern=CUSTOMER_ID_PATTERN)]
+    journey: Slug
+    stage: Slug
+    touchpoint: Slug | None = None
+    channel: Channel | None = None
+    source: Source | None = None
+    experience: float
+    expectation: float | None = None
+    scale: Scale | None = None
+    emotion: Emotion | None = None
+    revenue: float | None = Field(None, ge=0, le=1e15)
+    attributes: dict[AttributeKey, AttributeValue] | None = Field(None, max_length=MAX_ATTRIBUTES)
+
+
+class TouchpointRecord(BaseModel):
+    """The normalised event as written to Kafka: scores on 0-10, the stage's promise and weight
+    as they were when the event was accepted, plus tenant and received_at."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    tenant: str
+    event_id: str
+    occurred_at: datetime
+    received_at: datetime
+    customer_id: str
+    journey: str
+    stage: str
+    touchpoint: str | None = None
+    channel: str | None = None
+    source: str | None = None
+    experience: float = Field(ge=0, le=10)
+    expectation: float = Field(ge=0, le=10)
+    promise: float = Field(ge=0, le=10)
+    weight: float = Field(gt=0)
+    emotion: str | None = None
+    revenue: float | None = Field(None, ge=0)
+    attributes: dict[str, Any] | None = None
+
+    @property
+    def gap(self) -> float:
+        return self.experience - self.expectation
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+    allowed: str | list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"field": self.field, "message": self.message}
+        if self.allowed is not None:
+            body["allowed"] = self.allowed
+        return body
+
+
+class EventInvalid(ValueError):
+    def __init__(self, errors: list[FieldError]):
+        super().__init__("; ".join(f"{error.field}: {error.message}" for error in errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    tenant: str
+    journeys: dict[str, Journey]
+    now: datetime
+    max_event_age_s: float
+    max_future_skew_s: float
+
+
+def _field_name(location: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in location) or "(event)"
+
+
+def _structural_errors(error: ValidationError) -> list[FieldError]:
+    errors = []
+    for detail in error.errors(include_url=False, include_input=False):
+        location = detail["loc"]
+        top = str(location[0]) if location else ""
+        if detail["type"] == "extra_forbidden":
+            message = f"unknown field '{_field_name(location)}'"
+            allowed: str | list[str] | None = list(FIELDS) if len(location) == 1 else ALLOWED.get(top)
+        elif detail["type"] == "missing":
+            message = "field required"
+            allowed = ALLOWED.get(top)
+        elif detail["type"] == "model_type" and not location:
+            message = "the event must be a JSON object"
+            allowed = None
+        elif top == "attributes" and len(location) >= 2:
+            # A bad value fails each member of the value union: say it once.
+            location = location[:2]
+            message = "value must be a string of at most 1024 characters, a finite number or a boolean"
+            if detail["type"] == "string_pattern_mismatch":
+                message = "key has the wrong format"
+            allowed = ALLOWED[top]
+        elif detail["type"] == "string_pattern_mismatch":
+            message = "has the wrong format"
+            allowed = ALLOWED.get(top)
+        else:
+            message = detail["msg"]
+            allowed = ALLOWED.get(top)
+        field_error = FieldError(_field_name(location), message, allowed)
+        if field_error not in errors:
+            errors.append(field_error)
+    return errors
+
+
+def parse_occurred_at(value: str) -> datetime:
+    # datetime.fromisoformat accepts at most microseconds: trim longer fractions.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("t", "T").replace("z", "Z").replace(" ", "T", 1))
+    return datetime.fromisoformat(text)
+
+
+def _normalise_score(value: float, scale: Scale) -> float:
+    return (value - scale.min) / (scale.max - scale.min) * 10.0
+
+
+def validate_event(payload: Any, context: ValidationContext) -> TouchpointRecord:
+    """Check one posted event against the schema and the tenant's journeys; return the record.
+
+    Raises EventInvalid with every error found, each naming its field.
+    """
+    try:
+        event = TouchpointEvent.model_validate(payload)
+    except ValidationError as error:
+        raise EventInvalid(_structural_errors(error)) from None
+
+    errors: list[FieldError] = []
+    try:
+        occurred_at = parse_occurred_at(event.occurred_at)
+    except ValueError:
+        occurred_at = None
+        errors.append(FieldError("occurred_at", "is not a real date and time", ALLOWED["occurred_at"]))
+    age_s = 0.0 if occurred_at is None else (context.now - occurred_at).total_seconds()
+    if age_s < -context.max_future_skew_s:
+        errors.append(
+            FieldError("occurred_at", f"is {-age_s:.0f} s in the future", ALLOWED["occurred_at"])
+        )
+    elif age_s > context.max_event_age_s:
+        errors.append(
+            FieldError(
+                "occurred_at",
+                f"is {age_s / 86400:.1f} days old, older than max_event_age "
+                f"({context.max_event_age_s / 86400:g} days)",
+                ALLOWED["occurred_at"],
+            )
+        )
+
+    journey = context.journeys.get(event.journey)
+    stage = None
+    if journey is None:
+        errors.append(
+            FieldError(
+                "journey",
+                f"unknown journey '{event.journey}'; known journeys: {', '.join(sorted(context.journeys))}",
+                sorted(context.journeys),
+            )
+        )
+    else:
+        stage = journey.stage(event.stage)
+        if stage is None:
+            errors.append(
+                FieldError(
+                    "stage",
+                    f"unknown stage '{event.stage}' in journey '{journey.id}'; "
+                    f"known stages: {', '.join(journey.stage_ids)}",
+                    journey.stage_ids,
+                )
+            )
+
+    scale = event.scale or DEFAULT_SCALE
+    if event.scale is not None and not scale.min < scale.max:
+        errors.append(FieldError("scale", f"min ({scale.min:g}) must be less than max ({scale.max:g})", ALLOWED["scale"]))
+    else:
+        for name in ("experience", "expectation"):
+            value = getattr(event, name)
+            if value is not None and not scale.min <= value <= scale.max:
+                errors.append(
+                    FieldError(name, f"{value:g} is outside the scale {scale.min:g}-{scale.max:g}", ALLOWED[name])
+                )
+
+    if event.attributes is not None:
+        size = len(orjson.dumps(event.attributes))
+        if size > MAX_ATTRIBUTES_BYTES:
+            errors.append(FieldError("attributes", f"is {size} bytes as JSON", ALLOWED["attributes"]))
+
+    if errors or stage is None or occurred_at is None:
+        raise EventInvalid(errors)
+
+    experience = _normalise_score(event.experience, scale)
+    expectation = stage.promise if event.expectation is None else _normalise_score(event.expectation, scale)
+    return TouchpointRecord(
+        tenant=context.tenant,
+        event_id=event.event_id,
+        occurred_at=occurred_at,
+        received_at=context.now,
+        customer_id=event.customer_id,
+        journey=event.journey,
+        stage=event.stage,
+        touchpoint=event.touchpoint,
+        channel=event.channel,
+        source=event.source,
+        experience=_clamp_score(experience),
+        expectation=_clamp_score(expectation),
+        promise=stage.promise,
+        weight=stage.weight,
+        emotion=event.emotion,
+        revenue=event.revenue,
+        attributes=event.attributes,
+    )
+
+
+def _clamp_score(value: float) -> float:
+    # Normalisation can leave 10.000000000000002 behind; the range was checked on the raw scale.
+    return min(10.0, max(0.0, value)) if math.isfinite(value) else value
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+

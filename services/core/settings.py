@@ -1,0 +1,78 @@
+"""The one settings object of every service, read from CEM_* environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_JOURNEYS_DIR = REPO_ROOT / "schemas" / "journeys"
+
+DAY_S = 86_400.0
+
+
+class Settings(BaseSettings):
+    """Configuration shared by ingest, scoring and the API.
+
+    Every field can be set as an environment variable: `tenant` is `CEM_TENANT`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CEM_", env_file=None, extra="ignore")
+
+    tenant: str = Field("default", pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/cem"
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    journeys_dir: Path = DEFAULT_JOURNEYS_DIR
+
+    host: str = "127.0.0.1"
+    ingest_port: int = 8001
+    api_port: int = 8000
+    scoring_port: int = 8002
+
+    touchpoints_topic: str = "cem.touchpoints.v1"
+    dlq_topic: str = "cem.touchpoints.dlq.v1"
+    alerts_topic: str = "cem.alerts.v1"
+    topic_partitions: int = Field(12, ge=1)
+    scoring_group_id: str = "cem-scoring"
+
+    # Producer. Idempotence needs broker support (InitProducerId); the embedded dev broker lacks it.
+    producer_idempotence: bool = True
+    producer_linger_ms: int = Field(5, ge=0)
+    producer_compression: str | None = Field(None, pattern=r"^(gzip|snappy|lz4|zstd)$")
+    producer_timeout_s: float = Field(5.0, gt=0)
+    producer_max_inflight_requests: int = Field(2000, ge=1)
+
+    # Validation limits (SPEC 3 and 4).
+    max_event_age_days: float = Field(30.0, gt=0)
+    max_future_skew_s: float = Field(300.0, ge=0)
+    batch_max_events: int = Field(1000, ge=1)
+    batch_max_bytes: int = Field(1_048_576, ge=1)
+
+    # Scoring (SPEC 5).
+    customer_half_life_days: float = Field(30.0, gt=0)
+    trend_half_life_days: float = Field(7.0, gt=0)
+    revenue_half_life_days: float = Field(90.0, gt=0)
+    scoring_max_batch: int = Field(2000, ge=1)
+    scoring_poll_timeout_ms: int = Field(200, ge=1)
+
+    # Query API.
+    page_limit_max: int = Field(500, ge=1)
+
+    @cached_property
+    def customer_half_life_s(self) -> float:
+        return self.customer_half_life_days * DAY_S
+
+    @cached_property
+    def trend_half_life_s(self) -> float:
+        return self.trend_half_life_days * DAY_S
+
+    @cached_property
+    def revenue_half_life_s(self) -> float:
+        return self.revenue_half_life_days * DAY_S
+
+    @cached_property
+    def max_event_age_s(self) -> float:
+        return self.max_event_age_days * DAY_S
