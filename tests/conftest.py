@@ -1,0 +1,59 @@
+"""Session fixtures: a real PostgreSQL and a real Kafka-protocol broker on free loopback ports.
+
+They start only when a test asks for them, so `pytest tests/unit` starts no server. Each test
+gets its own tenant, topics and consumer group, so tests share the servers without interfering.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services.core.db.engine import migrate
+from services.core.embedded import EmbeddedKafka, EmbeddedPostgres
+from services.core.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    data_dir = Path(tempfile.mkdtemp(prefix="cem-test-pg-")) / "data"
+    server = EmbeddedPostgres(data_dir, durable=False)
+    server.start()
+    migrate(server.url())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka():
+    broker = EmbeddedKafka()
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def make_settings(postgres: EmbeddedPostgres, kafka: EmbeddedKafka, **overrides) -> Settings:
+    unique = uuid.uuid4().hex[:10]
+    values = dict(
+        tenant=f"t-{unique}",
+        database_url=postgres.url(),
+        kafka_bootstrap_servers=kafka.bootstrap_servers,
+        touchpoints_topic=f"cem.touchpoints.v1.{unique}",
+        dlq_topic=f"cem.touchpoints.dlq.v1.{unique}",
+        alerts_topic=f"cem.alerts.v1.{unique}",
+        scoring_group_id=f"cem-scoring-{unique}",
+        producer_idempotence=False,  # the embedded broker has no InitProducerId
+        topic_partitions=4,
+        producer_timeout_s=3.0,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(postgres, kafka) -> Settings:
+    """Settings for one test: its own tenant, topics and consumer group on the shared servers."""
+    return make_settings(postgres, kafka)
