@@ -32,21 +32,22 @@ def _route_template(request: Request) -> str:
     return "unmatched"
 
 
-def install_common(app: FastAPI, request_duration: Histogram) -> None:
+def install_common(app: FastAPI, request_duration: Histogram | None = None) -> None:
     """Request timing, FastAPI's validation errors in our field shape, and GET /metrics."""
+    if request_duration is not None:
 
-    @app.middleware("http")
-    async def time_requests(request: Request, call_next):
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            request_duration.labels(request.method, _route_template(request), str(status)).observe(
-                time.perf_counter() - started
-            )
+        @app.middleware("http")
+        async def time_requests(request: Request, call_next):
+            started = time.perf_counter()
+            status = 500
+            try:
+                response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                request_duration.labels(request.method, _route_template(request), str(status)).observe(
+                    time.perf_counter() - started
+                )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> ORJSONResponse:

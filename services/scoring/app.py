@@ -1,0 +1,70 @@
+"""The scoring process: the consumer loop plus a small HTTP server for health and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+from sqlalchemy import text
+
+from services.core.db.engine import create_engine
+from services.core.http import install_common
+from services.core.journeys import load_journeys
+from services.core.settings import Settings
+from services.scoring.consumer import Scorer
+
+log = logging.getLogger("cem.scoring")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    journeys = load_journeys(settings.journeys_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = create_engine(settings.database_url)
+        scorer = Scorer(settings, engine, journeys)
+        task = asyncio.create_task(scorer.run(), name="scoring-consumer")
+        app.state.scorer, app.state.engine, app.state.task = scorer, engine, task
+        try:
+            yield
+        finally:
+            # SIGTERM: let the in-flight batch commit, then leave the group.
+            scorer.stop()
+            try:
+                await asyncio.wait_for(task, timeout=30)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                task.cancel()
+            await engine.dispose()
+
+    app = FastAPI(title="CEM scoring", lifespan=lifespan, default_response_class=ORJSONResponse)
+    install_common(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        task = app.state.task
+        if task.done():
+            reason = repr(task.exception()) if not task.cancelled() and task.exception() else "stopped"
+            return ORJSONResponse({"status": "down", "reason": f"consumer loop ended: {reason}"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        scorer: Scorer = app.state.scorer
+        reasons = []
+        if not scorer.running:
+            reasons.append(scorer.last_error or "consumer not started")
+        elif scorer.last_error:
+            reasons.append(scorer.last_error)
+        try:
+            async with app.state.engine.connect() as conn:
+                await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=2)
+        except Exception as error:
+            reasons.append(f"database unreachable: {str(error)[:200]}")
+        if reasons:
+            return ORJSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
+        return {"status": "ready", "assigned_partitions": sorted(tp.partition for tp in scorer.stored_offsets)}
+
+    return app
