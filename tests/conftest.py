@@ -48,6 +48,8 @@ def make_settings(postgres: EmbeddedPostgres, kafka: EmbeddedKafka, **overrides)
         producer_idempotence=False,  # the embedded broker has no InitProducerId
         topic_partitions=4,
         producer_timeout_s=3.0,
+        scoring_rebalance_timeout_ms=1_000,
+        scoring_session_timeout_ms=6_000,
     )
     values.update(overrides)
     return Settings(**values)

@@ -10,10 +10,15 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator,
+)  # fmt: skip
+from pydantic_core import PydanticCustomError
 
 from services.core.journeys import Journey
 
+# The schema's patterns end in `$(?!\n)` because Python's `re` (python-jsonschema) also lets `$`
+# match before a final newline; pydantic's Rust regex (like ECMA-262) does not, and has no look-around.
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 CUSTOMER_ID_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]{1,128}$"
@@ -82,12 +87,24 @@ class TouchpointEvent(BaseModel):
     touchpoint: Slug | None = None
     channel: Channel | None = None
     source: Source | None = None
+    # Before the scores: their validator needs to know whether a scale was given.
+    scale: Scale | None = None
     experience: float
     expectation: float | None = None
-    scale: Scale | None = None
     emotion: Emotion | None = None
     revenue: float | None = Field(None, ge=0, le=1e15)
     attributes: dict[AttributeKey, AttributeValue] | None = Field(None, max_length=MAX_ATTRIBUTES)
+
+    @field_validator("experience", "expectation")
+    @classmethod
+    def _on_default_scale(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # The schema bounds the scores to 0-10 when no scale is given (its if/else); a custom
+        # scale's range is checked by validate_event, as the schema cannot compare with min/max.
+        # "scale" missing from info.data means it failed: the event is invalid anyway.
+        if value is not None and "scale" in info.data and info.data["scale"] is None:
+            if not DEFAULT_SCALE.min <= value <= DEFAULT_SCALE.max:
+                raise PydanticCustomError("out_of_scale", f"{value:g} is outside the scale 0-10")
+        return value
 
 
 class TouchpointRecord(BaseModel):

@@ -47,8 +47,9 @@ def create_consumer(settings: Settings, **overrides) -> AIOKafkaConsumer:
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_poll_records=settings.scoring_max_batch,
-        session_timeout_ms=10_000,
-        heartbeat_interval_ms=1_000,
+        session_timeout_ms=settings.scoring_session_timeout_ms,
+        rebalance_timeout_ms=settings.scoring_rebalance_timeout_ms,
+        heartbeat_interval_ms=min(1_000, settings.scoring_session_timeout_ms // 3),
     )
     options.update(overrides)
     return AIOKafkaConsumer(**options)

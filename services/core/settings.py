@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     revenue_half_life_days: float = Field(90.0, gt=0)
     scoring_max_batch: int = Field(2000, ge=1)
     scoring_poll_timeout_ms: int = Field(200, ge=1)
+    # How long the group coordinator waits for members to (re)join; the join itself waits for it.
+    scoring_session_timeout_ms: int = Field(10_000, ge=1000)
+    scoring_rebalance_timeout_ms: int = Field(10_000, ge=500)
 
     # Query API.
     page_limit_max: int = Field(500, ge=1)

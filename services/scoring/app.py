@@ -15,6 +15,7 @@ from services.core.http import install_common
 from services.core.journeys import load_journeys
 from services.core.settings import Settings
 from services.scoring.consumer import Scorer
+from services.scoring.gauges import keep_gauges_fresh
 
 log = logging.getLogger("cem.scoring")
 
@@ -27,10 +28,12 @@ def create_app(settings: Settings) -> FastAPI:
         engine = create_engine(settings.database_url)
         scorer = Scorer(settings, engine, journeys)
         task = asyncio.create_task(scorer.run(), name="scoring-consumer")
+        gauges = asyncio.create_task(keep_gauges_fresh(engine, settings), name="domain-gauges")
         app.state.scorer, app.state.engine, app.state.task = scorer, engine, task
         try:
             yield
         finally:
+            gauges.cancel()
             # SIGTERM: let the in-flight batch commit, then leave the group.
             scorer.stop()
             try:

@@ -1,0 +1,60 @@
+"""Refreshes the domain gauges (stage gaps, quadrants) from the aggregates on a timer.
+
+Every scoring replica exports the same figures (they read the same tables); dashboards take max().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.core import metrics
+from services.core.scoring import QUADRANTS
+from services.core.settings import Settings
+
+log = logging.getLogger("cem.scoring")
+
+GAUGE_WINDOWS = {"5m": "5 minutes", "1h": "1 hour", "24h": "24 hours"}
+
+
+async def refresh_gauges(engine: AsyncEngine, settings: Settings) -> None:
+    async with engine.connect() as conn:
+        for label, interval in GAUGE_WINDOWS.items():
+            rows = await conn.execute(
+                text(
+                    "SELECT journey, stage, sum(events) AS events, sum(gap_sum) AS gap_sum, "
+                    "sum(shortfall_events) AS shortfall FROM stage_buckets "
+                    "WHERE tenant = :tenant AND minute >= date_trunc('minute', now() - CAST(:window AS interval)) "
+                    "GROUP BY journey, stage"
+                ),
+                {"tenant": settings.tenant, "window": interval},
+            )
+            for row in rows:
+                if row.events:
+                    metrics.STAGE_MEAN_GAP.labels(row.journey, row.stage, label).set(row.gap_sum / row.events)
+                    metrics.STAGE_SHORTFALL_RATIO.labels(row.journey, row.stage, label).set(row.shortfall / row.events)
+        rows = await conn.execute(
+            text(
+                "SELECT quadrant, count(*) AS customers, "
+                "sum(revenue_sum * power(2, least(0, extract(epoch FROM last_event_at - now())) / :half_life)) "
+                "AS revenue FROM customers WHERE tenant = :tenant GROUP BY quadrant"
+            ),
+            {"tenant": settings.tenant, "half_life": settings.revenue_half_life_s},
+        )
+        found = {row.quadrant: row for row in rows}
+        for quadrant in QUADRANTS:
+            row = found.get(quadrant)
+            metrics.CUSTOMERS.labels(quadrant).set(row.customers if row else 0)
+            metrics.REVENUE.labels(quadrant).set(float(row.revenue or 0) if row else 0)
+
+
+async def keep_gauges_fresh(engine: AsyncEngine, settings: Settings, interval_s: float = 15.0) -> None:
+    while True:
+        try:
+            await refresh_gauges(engine, settings)
+        except Exception as error:  # the database may be down: the consumer reports it; retry later
+            log.debug("gauge refresh failed: %s", error)
+        await asyncio.sleep(interval_s)
