@@ -21,12 +21,19 @@ app = typer.Typer(help="Touchpoint experience service.", no_args_is_help=True, a
 log = logging.getLogger("cem")
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging() -> None:
+    """One line per record on stderr: JSON by default (CEM_LOG_FORMAT=text for people)."""
+    settings = Settings()
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"levelname": "level"})
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
@@ -143,7 +150,7 @@ def _wait_ready(url: str, timeout_s: float, process: subprocess.Popen) -> None:
 
 
 @app.command()
-def dev(
+def dev(  # noqa: C901 - one linear start-up sequence
     simulate: Annotated[bool, typer.Option("--simulate", help="feed realistic journeys into the stack")] = False,
     rate: Annotated[float, typer.Option(help="simulated events per second")] = 50.0,
     data_dir: Annotated[Path, typer.Option(help="where Postgres keeps its data")] = REPO_ROOT / ".cem",
@@ -157,6 +164,7 @@ def dev(
     _setup_logging()
     settings = Settings()
     env = dict(os.environ)
+    env.setdefault("CEM_LOG_FORMAT", "text")  # a person reads this terminal
     embedded: list = []
     children: list[subprocess.Popen] = []
     try:

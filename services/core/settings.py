@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     journeys_dir: Path = DEFAULT_JOURNEYS_DIR
 
+    log_format: str = Field("json", pattern=r"^(json|text)$")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
     host: str = "127.0.0.1"
     ingest_port: int = 8001
     api_port: int = 8000

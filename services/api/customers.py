@@ -1,0 +1,267 @@
+"""Customer resources: one customer's scores and stages, and the filtered, ordered customer list."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query
+from pydantic import BaseModel, Field
+from sqlalchemy import ColumnElement, and_, or_, select, tuple_
+
+from services.api.deps import ConnectionDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
+from services.api.errors import INVALID, NOT_FOUND, UNAVAILABLE, NotFound
+from services.api.parameters import (
+    ORDERS,
+    Cursor,
+    Order,
+    decode_cursor,
+    encode_cursor,
+    parse_limit,
+    parse_order,
+    parse_quadrant,
+)
+from services.api.revenue import revenue_at
+from services.core.db.schema import customer_stages, customers
+from services.core.journeys import Journey
+from services.core.scoring import QUADRANTS, CustomerStageState, epoch_seconds
+
+router = APIRouter(prefix="/v1/customers", tags=["customers"])
+
+Quadrant = Literal["exemplary", "growth", "at_risk", "disengaged"]
+assert set(Quadrant.__args__) == set(QUADRANTS)
+
+
+# --------------------------------------------------------------------------------------------
+# Response models.
+
+
+class CustomerSummary(BaseModel):
+    customer_id: str
+    experience_index: float = Field(
+        description="Decayed, stage-weighted mean gap (experience - expectation) of all the customer's events"
+    )
+    revenue: float = Field(description="Decayed revenue valued at query time")
+    quadrant: Quadrant = Field(description="Positioning-map quadrant, by the thresholds of the latest journey")
+    trend: float = Field(description="Index with the 7-day half-life minus the index; < 0: getting worse lately")
+    event_count: int
+    last_event_at: datetime
+    latest_journey: str
+
+
+class CustomerStage(BaseModel):
+    journey: str
+    stage: str
+    gap: float = Field(description="Decayed mean gap of the customer's events at this stage")
+    events: int
+    last_event_at: datetime
+
+
+class Customer(CustomerSummary):
+    first_event_at: datetime
+    updated_at: datetime
+    stages: list[CustomerStage] = Field(description="Journey order, then stage order of the journey map")
+    open_alerts: list[dict[str, Any]] = Field(description="Open alerts about this customer")
+
+
+class CustomerPage(BaseModel):
+    items: list[CustomerSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+def _summary(row, now: datetime, revenue_half_life_s: float) -> dict:
+    return {
+        "customer_id": row.customer_id,
+        "experience_index": row.experience_index,
+        "revenue": revenue_at(row.revenue_sum, row.last_event_at, now, revenue_half_life_s),
+        "quadrant": row.quadrant,
+        "trend": row.trend,
+        "event_count": row.events,
+        "last_event_at": row.last_event_at,
+        "latest_journey": row.latest_journey,
+    }
+
+
+_SUMMARY_COLUMNS = [
+    customers.c.customer_id, customers.c.experience_index, customers.c.revenue_sum, customers.c.quadrant,
+    customers.c.trend, customers.c.events, customers.c.last_event_at, customers.c.latest_journey,
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# One customer.
+
+
+def _stage_gap(row) -> float:
+    state = CustomerStageState(
+        ref_s=epoch_seconds(row.stage_last_event_at),
+        gap_sum=row.stage_gap_sum,
+        weight_sum=row.stage_weight_sum,
+        events=row.stage_events,
+    )
+    return state.gap  # a decayed mean: the same at any reference time
+
+
+def _stage_position(journeys: dict[str, Journey], journey_id: str, stage_id: str) -> tuple:
+    # Unknown journeys or stages (removed from the maps) go last, by name.
+    order = list(journeys)
+    journey = journeys.get(journey_id)
+    journey_position = order.index(journey_id) if journey else len(order)
+    stage_ids = journey.stage_ids if journey else []
+    stage_position = stage_ids.index(stage_id) if stage_id in stage_ids else len(stage_ids)
+    return (journey_position, journey_id, stage_position, stage_id)
+
+
+@router.get(
+    "/{customer_id:path}",
+    summary="Get one customer",
+    description="Experience index, revenue valued now, quadrant, trend, and the decayed mean gap "
+    "per journey stage.",
+    response_model=Customer,
+    responses={**NOT_FOUND, **UNAVAILABLE},
+)
+async def get_customer(
+    customer_id: Annotated[str, Path(description="The customer id events carry")],
+    connection: ConnectionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    journeys: JourneysDep,
+    now: NowDep,
+) -> Customer:
+    # One statement, so the customer and their stages come from the same snapshot.
+    stage = customer_stages.c
+    query = (
+        select(
+            *_SUMMARY_COLUMNS,
+            customers.c.first_event_at,
+            customers.c.updated_at,
+            stage.journey.label("stage_journey"),
+            stage.stage.label("stage_stage"),
+            stage.gap_sum.label("stage_gap_sum"),
+            stage.weight_sum.label("stage_weight_sum"),
+            stage.events.label("stage_events"),
+            stage.last_event_at.label("stage_last_event_at"),
+        )
+        .select_from(
+            customers.outerjoin(
+                customer_stages, and_(stage.tenant == customers.c.tenant, stage.customer_id == customers.c.customer_id)
+            )
+        )
+        .where(customers.c.tenant == tenant, customers.c.customer_id == customer_id)
+    )
+    rows = (await connection.execute(query)).all()
+    if not rows:
+        raise NotFound("customer_id", f"customer '{customer_id}' has never been seen")
+    stages = sorted(
+        (
+            CustomerStage(
+                journey=row.stage_journey,
+                stage=row.stage_stage,
+                gap=_stage_gap(row),
+                events=row.stage_events,
+                last_event_at=row.stage_last_event_at,
+            )
+            for row in rows
+            if row.stage_journey is not None
+        ),
+        key=lambda stage_row: _stage_position(journeys, stage_row.journey, stage_row.stage),
+    )
+    first = rows[0]
+    return Customer(
+        **_summary(first, now, settings.revenue_half_life_s),
+        first_event_at=first.first_event_at,
+        updated_at=first.updated_at,
+        stages=stages,
+        open_alerts=[],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The list, by keyset pagination.
+
+_SORT_COLUMNS = {
+    "revenue": customers.c.revenue_rank,
+    "experience_index": customers.c.experience_index,
+    "last_event_at": customers.c.last_event_at,
+}
+
+
+def _ids_descending(order: Order) -> bool:
+    """The tie-break direction that lets each order scan its index one way: the revenue indexes
+    are (revenue_rank DESC, customer_id), the others (key, customer_id)."""
+    if order.field == "revenue":
+        return not order.descending
+    return order.descending
+
+
+def _after(order: Order, cursor: Cursor) -> ColumnElement[bool]:
+    """Rows strictly after the cursor in the order (key, then customer id)."""
+    key, customer_id = _SORT_COLUMNS[order.field], customers.c.customer_id
+    ids_descending = _ids_descending(order)
+    if order.descending == ids_descending:
+        # A row comparison, which Postgres answers with one index range.
+        if order.descending:
+            return tuple_(key, customer_id) < tuple_(cursor.key, cursor.customer_id)
+        return tuple_(key, customer_id) > tuple_(cursor.key, cursor.customer_id)
+    beyond_key = key < cursor.key if order.descending else key > cursor.key
+    at_key = key <= cursor.key if order.descending else key >= cursor.key  # the index range
+    beyond_id = customer_id < cursor.customer_id if ids_descending else customer_id > cursor.customer_id
+    return and_(at_key, or_(beyond_key, beyond_id))
+
+
+def _sort_key(order: Order, row) -> float | datetime:
+    return getattr(row, "revenue_rank" if order.field == "revenue" else order.field)
+
+
+@router.get(
+    "",
+    summary="List customers",
+    description="Filtered by quadrant and by the journey of their latest event, ordered by "
+    "`revenue` (valued now), `experience_index` or `last_event_at` (`-` prefix: descending; ties "
+    "by customer id). Pages are keyset-paginated: pass `next_cursor` back as `cursor`.",
+    response_model=CustomerPage,
+    responses={**INVALID, **UNAVAILABLE},
+)
+async def list_customers(
+    connection: ConnectionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    journeys: JourneysDep,
+    now: NowDep,
+    quadrant: Annotated[
+        str | None, Query(description="Only this quadrant", json_schema_extra={"enum": list(QUADRANTS)})
+    ] = None,
+    journey: Annotated[str | None, Query(description="Only customers whose latest event was in this journey")] = None,
+    order: Annotated[str, Query(description="Sort order", json_schema_extra={"enum": list(ORDERS)})] = "-revenue",
+    limit: Annotated[int, Query(description="Page size, 1-500")] = 50,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+) -> CustomerPage:
+    quadrant = parse_quadrant(quadrant)
+    journey = journey_filter(journey, journeys)
+    sort = parse_order(order)
+    limit = parse_limit(limit, settings.page_limit_max)
+    after = decode_cursor(cursor, sort) if cursor is not None else None
+
+    key = _SORT_COLUMNS[sort.field]
+    query = select(*_SUMMARY_COLUMNS, customers.c.revenue_rank).where(customers.c.tenant == tenant)
+    if quadrant is not None:
+        query = query.where(customers.c.quadrant == quadrant)
+    if journey is not None:
+        query = query.where(customers.c.latest_journey == journey)
+    if after is not None:
+        query = query.where(_after(sort, after))
+    query = query.order_by(
+        key.desc() if sort.descending else key.asc(),
+        customers.c.customer_id.desc() if _ids_descending(sort) else customers.c.customer_id.asc(),
+    ).limit(limit + 1)  # one more tells whether there is a next page
+
+    rows = (await connection.execute(query)).all()
+    page = rows[:limit]
+    next_cursor = None
+    if len(rows) > limit:
+        last = page[-1]
+        next_cursor = encode_cursor(Cursor(order=sort.text, key=_sort_key(sort, last), customer_id=last.customer_id))
+    return CustomerPage(
+        items=[CustomerSummary(**_summary(row, now, settings.revenue_half_life_s)) for row in page],
+        next_cursor=next_cursor,
+    )

@@ -1,0 +1,90 @@
+"""Request-scoped dependencies: settings, journeys, the clock, the tenant and a database connection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.api.errors import InvalidParameter, NotFound
+from services.core.journeys import Journey, Stage
+from services.core.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_journeys(request: Request) -> dict[str, Journey]:
+    return request.app.state.journeys
+
+
+def get_engine(request: Request) -> AsyncEngine:
+    return request.app.state.engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+JourneysDep = Annotated[dict[str, Journey], Depends(get_journeys)]
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+
+
+def get_now() -> datetime:
+    """Query time: the instant revenue is valued at and windows end at (tests pin it)."""
+    return datetime.now(timezone.utc)
+
+
+NowDep = Annotated[datetime, Depends(get_now)]
+
+
+def get_tenant(settings: SettingsDep) -> str:
+    """The tenant every read is scoped to. The one place it is resolved (API keys will map to it)."""
+    return settings.tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+async def get_connection(engine: EngineDep) -> AsyncIterator[AsyncConnection]:
+    # Reads only: the implicit transaction is rolled back when the connection goes back to the pool.
+    async with engine.connect() as connection:
+        yield connection
+
+
+ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
+
+
+def get_journey(journey: str, journeys: JourneysDep) -> Journey:
+    """The journey named in the path, or 404 listing the known journeys."""
+    found = journeys.get(journey)
+    if found is None:
+        known = list(journeys)
+        raise NotFound("journey", f"unknown journey '{journey}'; known journeys: {', '.join(known)}", known)
+    return found
+
+
+JourneyDep = Annotated[Journey, Depends(get_journey)]
+
+
+def get_stage(stage: str, journey: JourneyDep) -> Stage:
+    """The stage named in the path, or 404 listing the journey's stages."""
+    found = journey.stage(stage)
+    if found is None:
+        known = journey.stage_ids
+        raise NotFound(
+            "stage", f"unknown stage '{stage}' in journey '{journey.id}'; known stages: {', '.join(known)}", known
+        )
+    return found
+
+
+StageDep = Annotated[Stage, Depends(get_stage)]
+
+
+def journey_filter(journey: str | None, journeys: dict[str, Journey]) -> str | None:
+    """A `journey` query parameter (a filter, not a resource): 422 listing the known journeys."""
+    if journey is not None and journey not in journeys:
+        known = list(journeys)
+        raise InvalidParameter("journey", f"unknown journey '{journey}'; known journeys: {', '.join(known)}", known)
+    return journey

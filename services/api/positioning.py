@@ -1,0 +1,138 @@
+"""The positioning map (SPEC 1, 6): customers and revenue per quadrant, as JSON and as a picture."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from services.api.customers import Quadrant
+from services.api.deps import ConnectionDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
+from services.api.errors import INVALID, UNAVAILABLE
+from services.api.revenue import revenue_at_sql
+from services.api.svg import Bubble, render_positioning_map
+from services.core.db.schema import customers
+from services.core.scoring import QUADRANTS
+
+router = APIRouter(tags=["positioning map"])
+
+
+class Thresholds(BaseModel):
+    experience: float = Field(description="Experience index at or above: good experience")
+    revenue: float = Field(description="Revenue at or above: high revenue")
+
+
+class QuadrantFigures(BaseModel):
+    quadrant: Quadrant
+    customers: int
+    revenue: float = Field(description="Sum of the customers' revenue valued at `as_of`")
+    mean_experience_index: float | None = Field(description="null when the quadrant is empty")
+    mean_revenue: float | None = Field(description="null when the quadrant is empty")
+
+
+class PositioningMap(BaseModel):
+    as_of: datetime
+    journey: str | None = Field(description="Only customers whose latest event was in this journey; null: all")
+    thresholds: dict[str, Thresholds] = Field(description="Per journey id: the thresholds that place its customers")
+    quadrants: list[QuadrantFigures] = Field(description="Always the four quadrants, in a fixed order")
+
+
+JourneyQuery = Annotated[
+    str | None, Query(description="Only customers whose latest event was in this journey (their quadrant uses its thresholds)")
+]
+
+
+async def positioning_map(
+    connection: ConnectionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    journeys: JourneysDep,
+    now: NowDep,
+    journey: JourneyQuery = None,
+) -> PositioningMap:
+    """A dependency, so that the JSON and the SVG endpoints share the query and its parameters."""
+    journey = journey_filter(journey, journeys)
+    revenue = revenue_at_sql(customers.c.revenue_sum, customers.c.last_event_at, now, settings.revenue_half_life_s)
+    scoped = select(customers.c.quadrant, customers.c.experience_index, revenue.label("revenue")).where(
+        customers.c.tenant == tenant
+    )
+    if journey is not None:
+        scoped = scoped.where(customers.c.latest_journey == journey)
+    scoped = scoped.subquery()
+    query = select(
+        scoped.c.quadrant,
+        func.count().label("customers"),
+        func.sum(scoped.c.revenue).label("revenue"),
+        func.avg(scoped.c.experience_index).label("mean_experience_index"),
+    ).group_by(scoped.c.quadrant)
+    found = {row.quadrant: row for row in await connection.execute(query)}
+
+    quadrants = []
+    for name in QUADRANTS:
+        row = found.get(name)
+        count = row.customers if row else 0
+        total = float(row.revenue) if row else 0.0
+        quadrants.append(
+            QuadrantFigures(
+                quadrant=name,
+                customers=count,
+                revenue=total,
+                mean_experience_index=float(row.mean_experience_index) if row else None,
+                mean_revenue=total / count if count else None,
+            )
+        )
+    shown = [journeys[journey]] if journey is not None else list(journeys.values())
+    return PositioningMap(
+        as_of=now,
+        journey=journey,
+        thresholds={
+            item.id: Thresholds(experience=item.experience_threshold, revenue=item.revenue_threshold) for item in shown
+        },
+        quadrants=quadrants,
+    )
+
+
+@router.get(
+    "/v1/positioning-map",
+    summary="Customers and revenue per positioning-map quadrant",
+    description="Customers placed by experience index (x) and revenue (y) against the thresholds of "
+    "their latest journey: exemplary (keep), growth (cross-sell), at_risk (improve urgently), "
+    "disengaged. Revenue is valued at `as_of`.",
+    response_model=PositioningMap,
+    responses={**INVALID, **UNAVAILABLE},
+)
+async def get_positioning_map(
+    positioning: Annotated[PositioningMap, Depends(positioning_map)],
+) -> PositioningMap:
+    return positioning
+
+
+@router.get(
+    "/v1/positioning-map.svg",
+    summary="The positioning map as an SVG picture",
+    description="Four quadrants, experience standard on x and revenue on y; one bubble per quadrant, "
+    "its area proportional to the quadrant's revenue, labelled with customers and revenue.",
+    response_class=Response,
+    responses={200: {"content": {"image/svg+xml": {}}, "description": "An SVG image"}, **INVALID, **UNAVAILABLE},
+)
+async def get_positioning_map_svg(
+    positioning: Annotated[PositioningMap, Depends(positioning_map)], journeys: JourneysDep
+) -> Response:
+    journey = journeys.get(positioning.journey) if positioning.journey else None
+    title = f"Positioning map: {journey.name}" if journey else "Positioning map: all journeys"
+    note = None
+    if journey is not None:
+        thresholds = positioning.thresholds[journey.id]
+        note = f"thresholds: experience index {thresholds.experience:g}, revenue {thresholds.revenue:,.0f}"
+    picture = render_positioning_map(
+        [Bubble(item.quadrant, item.customers, item.revenue) for item in positioning.quadrants],
+        title=title,
+        as_of=positioning.as_of,
+        currency=journey.currency if journey else None,
+        note=note,
+    )
+    return Response(picture, media_type="image/svg+xml")

@@ -1,0 +1,132 @@
+"""Ingest's link to Kafka: the producer started and kept ready in the background, and the writes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from services.core.events import TouchpointRecord
+from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer, ensure_topics, touchpoint_key
+from services.core.metrics import INGEST_PRODUCE_DURATION
+from services.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF_S = 0.25
+MAX_BACKOFF_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 2.0
+
+
+class BrokerUnavailable(Exception):
+    """The broker is not connected or did not acknowledge in time: the client may retry."""
+
+
+class TouchpointProducer:
+    """Owns the Kafka producer. `run()` (a background task) creates the topics and starts the
+    producer, retrying with backoff, so the service starts and answers 503 while the broker is down."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        # Set when a write or a readiness check failed: `run()` then checks the topics again,
+        # because a broker that restarted empty (the dev broker keeps topics in memory) lost them.
+        self._trouble = asyncio.Event()
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    async def run(self) -> None:
+        backoff_s = FIRST_BACKOFF_S
+        while True:
+            try:
+                await asyncio.wait_for(ensure_topics(self._settings), CONNECT_TIMEOUT_S)
+                if self._producer is None:
+                    self._producer = await self._start_producer()
+                    log.info("producer connected to %s", self._settings.kafka_bootstrap_servers)
+            except Exception as error:  # noqa: BLE001 - any failure here is retried, never fatal
+                log.warning(
+                    "broker %s unavailable (%r); retrying in %.2f s",
+                    self._settings.kafka_bootstrap_servers, error, backoff_s,
+                )  # fmt: skip
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
+                continue
+            backoff_s = FIRST_BACKOFF_S
+            await self._trouble.wait()
+            self._trouble.clear()
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        # A producer cannot be started twice: every attempt uses a fresh one.
+        producer = create_producer(self._settings)
+        try:
+            await asyncio.wait_for(producer.start(), CONNECT_TIMEOUT_S)
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    async def send_all(self, records: list[TouchpointRecord]) -> None:
+        """Write the records concurrently and wait until the broker acknowledged every one.
+
+        Raises BrokerUnavailable if any write failed or took longer than producer_timeout_s; some
+        may have been written then, which is safe: scoring drops duplicate event ids.
+        """
+        producer = self._producer
+        if producer is None:
+            raise BrokerUnavailable("the producer is not connected yet")
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(self._send(producer, record) for record in records), return_exceptions=True)
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, (KafkaError, TimeoutError)):
+                raise failure
+        if failures:
+            self._trouble.set()
+            raise BrokerUnavailable(f"{len(failures)} of {len(records)} writes failed: {failures[0]!r}")
+        INGEST_PRODUCE_DURATION.observe(time.perf_counter() - started)
+
+    async def _send(self, producer: AIOKafkaProducer, record: TouchpointRecord) -> None:
+        async def send_and_wait() -> None:
+            delivery = await producer.send(
+                self._settings.touchpoints_topic,
+                value=record.to_json(),
+                key=touchpoint_key(record.tenant, record.customer_id),
+                headers=[TOUCHPOINT_SCHEMA_HEADER],
+            )
+            await delivery
+
+        # send() itself may wait for metadata, so the bound covers both steps.
+        await asyncio.wait_for(send_and_wait(), self._settings.producer_timeout_s)
+
+    async def not_ready_reason(self) -> str | None:
+        """None if the producer is started and the broker serves the topic's metadata, else why not."""
+        producer = self._producer
+        if producer is None:
+            return "the Kafka producer is not started: the broker was unreachable so far"
+        topic = self._settings.touchpoints_topic
+        try:
+            # A fresh request: the producer's cached metadata would look fine with the broker gone.
+            cluster = await asyncio.wait_for(producer.client.fetch_all_metadata(), READY_TIMEOUT_S)
+        except (KafkaError, OSError, TimeoutError) as error:
+            self._trouble.set()
+            return f"broker {self._settings.kafka_bootstrap_servers} did not return metadata: {error!r}"
+        if not cluster.partitions_for_topic(topic):
+            self._trouble.set()
+            return f"topic {topic} does not exist on the broker"
+        return None
+
+    async def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            # stop() flushes pending writes, which waits for their timeout while the broker is down.
+            await asyncio.wait_for(producer.stop(), self._settings.producer_timeout_s + 1)
+        except TimeoutError:
+            log.warning("the producer did not stop in time; pending writes are dropped")
