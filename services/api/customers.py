@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import ColumnElement, and_, or_, select, tuple_
 
-from services.api.deps import ConnectionDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
+from services.api.deps import EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
 from services.api.errors import INVALID, NOT_FOUND, UNAVAILABLE, NotFound
 from services.api.parameters import (
     ORDERS,
@@ -122,7 +122,7 @@ def _stage_position(journeys: dict[str, Journey], journey_id: str, stage_id: str
 )
 async def get_customer(
     customer_id: Annotated[str, Path(description="The customer id events carry")],
-    connection: ConnectionDep,
+    engine: EngineDep,
     tenant: TenantDep,
     settings: SettingsDep,
     journeys: JourneysDep,
@@ -149,7 +149,8 @@ async def get_customer(
         )
         .where(customers.c.tenant == tenant, customers.c.customer_id == customer_id)
     )
-    rows = (await connection.execute(query)).all()
+    async with engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
     if not rows:
         raise NotFound("customer_id", f"customer '{customer_id}' has never been seen")
     stages = sorted(
@@ -223,7 +224,7 @@ def _sort_key(order: Order, row) -> float | datetime:
     responses={**INVALID, **UNAVAILABLE},
 )
 async def list_customers(
-    connection: ConnectionDep,
+    engine: EngineDep,
     tenant: TenantDep,
     settings: SettingsDep,
     journeys: JourneysDep,
@@ -255,7 +256,8 @@ async def list_customers(
         customers.c.customer_id.desc() if _ids_descending(sort) else customers.c.customer_id.asc(),
     ).limit(limit + 1)  # one more tells whether there is a next page
 
-    rows = (await connection.execute(query)).all()
+    async with engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
     page = rows[:limit]
     next_cursor = None
     if len(rows) > limit:

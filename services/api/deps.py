@@ -1,13 +1,16 @@
-"""Request-scoped dependencies: settings, journeys, the clock, the tenant and a database connection."""
+"""Request-scoped dependencies: settings, journeys, the engine, the clock, the tenant, path lookups.
+
+Routes open their connection themselves (`async with engine.connect()`), after their parameters
+are validated: bad input is a 422 even while the database is down, never a 503.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.errors import InvalidParameter, NotFound
 from services.core.journeys import Journey, Stage
@@ -45,15 +48,6 @@ def get_tenant(settings: SettingsDep) -> str:
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
-
-
-async def get_connection(engine: EngineDep) -> AsyncIterator[AsyncConnection]:
-    # Reads only: the implicit transaction is rolled back when the connection goes back to the pool.
-    async with engine.connect() as connection:
-        yield connection
-
-
-ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
 
 
 def get_journey(journey: str, journeys: JourneysDep) -> Journey:

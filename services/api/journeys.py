@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from services.api.buckets import Window, sum_by_stage, sum_by_step, sum_by_touchpoint
-from services.api.deps import ConnectionDep, JourneyDep, JourneysDep, NowDep, StageDep, TenantDep
+from services.api.deps import EngineDep, JourneyDep, JourneysDep, NowDep, StageDep, TenantDep
 from services.api.errors import INVALID, NOT_FOUND, UNAVAILABLE
 from services.api.parameters import WINDOW_ALLOWED, format_duration, parse_step, parse_window
 from services.core.journeys import Stage
@@ -143,10 +143,11 @@ async def get_journey_map(journey: JourneyDep) -> JourneyMap:
     responses={**NOT_FOUND, **INVALID, **UNAVAILABLE},
 )
 async def journey_stages(
-    journey: JourneyDep, connection: ConnectionDep, tenant: TenantDep, now: NowDep, window: WindowQuery = "1h"
+    journey: JourneyDep, engine: EngineDep, tenant: TenantDep, now: NowDep, window: WindowQuery = "1h"
 ) -> StagesResponse:
     window_span = Window.ending_at(now, parse_window(window))
-    sums = await sum_by_stage(connection, tenant, journey.id, window_span)
+    async with engine.connect() as connection:
+        sums = await sum_by_stage(connection, tenant, journey.id, journey.stage_ids, window_span)
     return StagesResponse(
         journey=journey.id,
         window=window,
@@ -174,19 +175,20 @@ def _touchpoint_order(stage: Stage, key: tuple[str, str]) -> tuple:
 async def stage_touchpoints(
     journey: JourneyDep,
     stage: StageDep,
-    connection: ConnectionDep,
+    engine: EngineDep,
     tenant: TenantDep,
     now: NowDep,
     window: WindowQuery = "24h",
 ) -> TouchpointsResponse:
     window_span = Window.ending_at(now, parse_window(window))
-    sums = await sum_by_touchpoint(connection, tenant, journey.id, stage.id, window_span)
+    async with engine.connect() as connection:
+        sums = await sum_by_touchpoint(connection, tenant, journey.id, stage.id, window_span)
     seen = {touchpoint for touchpoint, _ in sums}
     keys = [*sums, *((touchpoint, "") for touchpoint in stage.touchpoints if touchpoint not in seen)]
-    rows = [
-        TouchpointRow(touchpoint=touchpoint or None, channel=channel or None, **_figures(sums.get((touchpoint, channel)), stage))
-        for touchpoint, channel in sorted(keys, key=lambda key: _touchpoint_order(stage, key))
-    ]
+    rows = []
+    for touchpoint, channel in sorted(keys, key=lambda key: _touchpoint_order(stage, key)):
+        figures = _figures(sums.get((touchpoint, channel)), stage)
+        rows.append(TouchpointRow(touchpoint=touchpoint or None, channel=channel or None, **figures))
     return TouchpointsResponse(
         journey=journey.id, stage=stage.id, window=window, from_=window_span.start, to=window_span.end, touchpoints=rows
     )
@@ -214,7 +216,7 @@ def _step_starts(window: Window, step: timedelta, seen: set[datetime]) -> list[d
 async def stage_series(
     journey: JourneyDep,
     stage: StageDep,
-    connection: ConnectionDep,
+    engine: EngineDep,
     tenant: TenantDep,
     now: NowDep,
     window: WindowQuery = "24h",
@@ -223,7 +225,8 @@ async def stage_series(
     window_length = parse_window(window)
     step_length = parse_step(step, window_length)
     window_span = Window.ending_at(now, window_length)
-    sums = await sum_by_step(connection, tenant, journey.id, stage.id, window_span, step_length)
+    async with engine.connect() as connection:
+        sums = await sum_by_step(connection, tenant, journey.id, stage.id, window_span, step_length)
     points = [
         SeriesPoint(from_=start, to=start + step_length, **_figures(sums.get(start), stage))
         for start in _step_starts(window_span, step_length, set(sums))

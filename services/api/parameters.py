@@ -25,14 +25,14 @@ MAX_STEPS = 1000
 NICE_STEPS = ("1m", "5m", "15m", "1h", "6h", "1d")
 DEFAULT_STEPS = 60  # the default step is the smallest nice step with at most this many steps
 
-_DURATION = re.compile(r"^([1-9][0-9]{0,5})([mhd])$")
+_DURATION = re.compile(r"([1-9][0-9]{0,5})([mhd])")
 _UNIT = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
 
 WINDOW_ALLOWED = "5m, 1h, 24h, 7d, 30d, or any <n>m, <n>h or <n>d from 1m up to 30d"
 
 
 def _duration(value: str) -> timedelta | None:
-    match = _DURATION.match(value)
+    match = _DURATION.fullmatch(value)
     return None if match is None else int(match.group(1)) * _UNIT[match.group(2)]
 
 
@@ -57,8 +57,8 @@ def parse_step(value: str | None, window: timedelta) -> timedelta:
     smallest = max(MIN_STEP, window / MAX_STEPS)
     allowed = f"<n>m, <n>h or <n>d from {format_duration(smallest)} (at most {MAX_STEPS} steps) up to the window"
     if step is None or step < MIN_STEP or step > window or steps_in(window, step) > MAX_STEPS:
-        raise InvalidParameter("step", f"invalid step '{value}' for a window of {format_duration(window)}; "
-                               f"allowed: {allowed}", allowed)  # fmt: skip
+        message = f"invalid step '{value}' for a window of {format_duration(window)}; allowed: {allowed}"
+        raise InvalidParameter("step", message, allowed)
     return step
 
 
@@ -105,8 +105,8 @@ class Order:
 
 def parse_order(value: str) -> Order:
     if value not in ORDERS:
-        raise InvalidParameter("order", f"unknown order '{value}'; allowed: {', '.join(ORDERS)} "
-                               "('-' sorts descending)", list(ORDERS))  # fmt: skip
+        message = f"unknown order '{value}'; allowed: {', '.join(ORDERS)} ('-' sorts descending)"
+        raise InvalidParameter("order", message, list(ORDERS))
     return Order(field=value.lstrip("-"), descending=value.startswith("-"))
 
 
@@ -127,8 +127,8 @@ def encode_cursor(cursor: Cursor) -> str:
 
 def decode_cursor(value: str, order: Order) -> Cursor:
     def invalid(why: str) -> InvalidParameter:
-        return InvalidParameter("cursor", f"invalid cursor: {why}; pass the next_cursor of the previous page "
-                                "unchanged, or no cursor for the first page", "a next_cursor returned by this endpoint")  # fmt: skip
+        message = f"invalid cursor: {why}; pass the next_cursor of the previous page unchanged, or no cursor"
+        return InvalidParameter("cursor", message, "a next_cursor returned by this endpoint")
 
     try:
         payload = orjson.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))

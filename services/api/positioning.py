@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from services.api.customers import Quadrant
-from services.api.deps import ConnectionDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
+from services.api.deps import EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
 from services.api.errors import INVALID, UNAVAILABLE
 from services.api.revenue import revenue_at_sql
 from services.api.svg import Bubble, render_positioning_map
@@ -42,12 +42,13 @@ class PositioningMap(BaseModel):
 
 
 JourneyQuery = Annotated[
-    str | None, Query(description="Only customers whose latest event was in this journey (their quadrant uses its thresholds)")
+    str | None,
+    Query(description="Only customers whose latest event was in this journey (whose thresholds placed them)"),
 ]
 
 
 async def positioning_map(
-    connection: ConnectionDep,
+    engine: EngineDep,
     tenant: TenantDep,
     settings: SettingsDep,
     journeys: JourneysDep,
@@ -69,7 +70,8 @@ async def positioning_map(
         func.sum(scoped.c.revenue).label("revenue"),
         func.avg(scoped.c.experience_index).label("mean_experience_index"),
     ).group_by(scoped.c.quadrant)
-    found = {row.quadrant: row for row in await connection.execute(query)}
+    async with engine.connect() as connection:
+        found = {row.quadrant: row for row in await connection.execute(query)}
 
     quadrants = []
     for name in QUADRANTS:

@@ -13,6 +13,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 WIDTH, HEIGHT = 760, 600
 LEFT, TOP, RIGHT, BOTTOM = 90, 70, 730, 530  # the plot area
+DIVIDER = 'stroke="#888" stroke-dasharray="6 4"'
 MAX_RADIUS_SHARE = 0.38  # of the smaller side of a quadrant, for the quadrant with the most revenue
 
 
@@ -30,7 +31,7 @@ STYLES = {
     "exemplary": QuadrantStyle("Exemplary", "keep", "#e3f4e6", "#2e7d32", right=True, top=True),
     "growth": QuadrantStyle("Growth", "cross-sell", "#e3eef9", "#1565c0", right=True, top=False),
     "at_risk": QuadrantStyle("At risk", "improve urgently", "#fbe4e4", "#c62828", right=False, top=True),
-    "disengaged": QuadrantStyle("Disengaged", "low priority", "#eeeeee", "#616161", right=False, top=False),
+    "disengaged": QuadrantStyle("Disengaged", "", "#eeeeee", "#616161", right=False, top=False),
 }
 
 
@@ -47,7 +48,7 @@ def _text(x: float, y: float, content: str, **attributes: str) -> str:
 
 
 def format_money(amount: float, currency: str | None) -> str:
-    figure = f"{amount:,.0f}" if amount >= 100 else f"{amount:,.2f}"
+    figure = f"{amount:,.0f}" if amount >= 100 or amount == 0 else f"{amount:,.2f}"
     return f"{currency} {figure}" if currency else figure
 
 
@@ -82,7 +83,9 @@ def render_positioning_map(
         anchor = "end" if style.right else "start"
         parts.append(_text(label_x, label_y, style.title, text_anchor=anchor, font_size="16",
                            font_weight="bold", fill=style.stroke))  # fmt: skip
-        parts.append(_text(label_x, label_y + 18, style.advice, text_anchor=anchor, font_size="13", fill=style.stroke))
+        if style.advice:
+            parts.append(_text(label_x, label_y + 18, style.advice, text_anchor=anchor, font_size="13",
+                               fill=style.stroke))  # fmt: skip
 
         # Nudged away from the quadrant's name, which sits in the outer corner.
         centre_x, centre_y = x0 + quadrant_width / 2, y0 + quadrant_height / 2 + (14 if style.top else -14)
@@ -95,16 +98,18 @@ def render_positioning_map(
                 f"<title>{escape(STYLES[bubble.quadrant].title)}: {bubble.customers} customers, "
                 f"revenue {escape(format_money(bubble.revenue, currency))}</title></circle>"
             )
+        # A white halo keeps the labels readable across a bubble's edge.
+        halo = {"text_anchor": "middle", "fill": "#222", "stroke": "#ffffff", "stroke_width": "3",
+                "paint_order": "stroke"}  # fmt: skip
         noun = "customer" if bubble.customers == 1 else "customers"
-        parts.append(_text(centre_x, centre_y - 2, f"{bubble.customers:,} {noun}", text_anchor="middle",
-                           font_size="14", font_weight="bold", fill="#222"))  # fmt: skip
-        parts.append(_text(centre_x, centre_y + 16, format_money(bubble.revenue, currency), text_anchor="middle",
-                           font_size="13", fill="#222"))  # fmt: skip
+        parts.append(_text(centre_x, centre_y - 2, f"{bubble.customers:,} {noun}", font_size="14",
+                           font_weight="bold", **halo))  # fmt: skip
+        parts.append(_text(centre_x, centre_y + 16, format_money(bubble.revenue, currency), font_size="13", **halo))
 
     parts += [
         # The thresholds divide the plane; the axes run from low to high.
-        f'<line x1="{middle_x:.1f}" y1="{TOP}" x2="{middle_x:.1f}" y2="{BOTTOM}" stroke="#888" stroke-dasharray="6 4"/>',
-        f'<line x1="{LEFT}" y1="{middle_y:.1f}" x2="{RIGHT}" y2="{middle_y:.1f}" stroke="#888" stroke-dasharray="6 4"/>',
+        f'<line x1="{middle_x:.1f}" y1="{TOP}" x2="{middle_x:.1f}" y2="{BOTTOM}" {DIVIDER}/>',
+        f'<line x1="{LEFT}" y1="{middle_y:.1f}" x2="{RIGHT}" y2="{middle_y:.1f}" {DIVIDER}/>',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="8" markerHeight="8" '
         'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#333"/></marker></defs>',
         f'<line x1="{LEFT}" y1="{BOTTOM}" x2="{RIGHT + 10}" y2="{BOTTOM}" stroke="#333" stroke-width="1.5" '

@@ -6,7 +6,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.routing import Match
 
@@ -25,6 +25,11 @@ def field_error(field: str, message: str, allowed=None) -> dict:
 
 def _route_template(request: Request) -> str:
     # Label by route template (/v1/customers/{customer_id}), never by the raw path.
+    # The router leaves the matched route in the scope; prefer it, as FastAPI (0.165) keeps an
+    # included APIRouter as one entry of app.router.routes, which has no path of its own.
+    matched = request.scope.get("route")
+    if isinstance(getattr(matched, "path", None), str):
+        return matched.path
     for route in request.app.router.routes:
         match, _ = route.matches(request.scope)
         if match == Match.FULL:
@@ -50,12 +55,12 @@ def install_common(app: FastAPI, request_duration: Histogram | None = None) -> N
                 )
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError) -> ORJSONResponse:
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = []
         for detail in error.errors():
             location = [str(part) for part in detail.get("loc", ()) if part not in ("body", "query", "path")]
             errors.append(field_error(".".join(location) or "(request)", detail.get("msg", "invalid")))
-        return ORJSONResponse(error_body(errors), status_code=422)
+        return JSONResponse(error_body(errors), status_code=422)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

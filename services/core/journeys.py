@@ -9,9 +9,9 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft202012Validator
 
-from services.core.settings import REPO_ROOT
+from services.core.settings import SCHEMAS_DIR
 
-JOURNEY_SCHEMA_PATH = REPO_ROOT / "schemas" / "journey.schema.json"
+JOURNEY_SCHEMA_PATH = SCHEMAS_DIR / "journey.schema.json"
 
 
 class JourneyError(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -9,7 +10,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_JOURNEYS_DIR = REPO_ROOT / "schemas" / "journeys"
+# The contracts (JSON Schemas, journey maps) live beside the code in a checkout; an installed
+# package (the container image) is told where they are.
+SCHEMAS_DIR = Path(os.environ.get("CEM_SCHEMAS_DIR", REPO_ROOT / "schemas"))
+DEFAULT_JOURNEYS_DIR = SCHEMAS_DIR / "journeys"
 
 DAY_S = 86_400.0
 

@@ -7,7 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from services.core.db.engine import create_engine
@@ -42,7 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
                 task.cancel()
             await engine.dispose()
 
-    app = FastAPI(title="CEM scoring", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPI(title="CEM scoring", lifespan=lifespan, default_response_class=JSONResponse)
     install_common(app)
 
     @app.get("/healthz")
@@ -50,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         task = app.state.task
         if task.done():
             reason = repr(task.exception()) if not task.cancelled() and task.exception() else "stopped"
-            return ORJSONResponse({"status": "down", "reason": f"consumer loop ended: {reason}"}, status_code=503)
+            return JSONResponse({"status": "down", "reason": f"consumer loop ended: {reason}"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/readyz")
@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception as error:
             reasons.append(f"database unreachable: {str(error)[:200]}")
         if reasons:
-            return ORJSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
+            return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
         return {"status": "ready", "assigned_partitions": sorted(tp.partition for tp in scorer.stored_offsets)}
 
     return app
