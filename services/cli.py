@@ -35,6 +35,7 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _serve(app_factory, host: str, port: int) -> None:
@@ -99,7 +100,7 @@ def simulate(
     ingest_url: Annotated[str, typer.Option(help="base URL of the ingest service")] = "http://127.0.0.1:8001",
     customers: Annotated[int, typer.Option(help="size of the simulated customer population")] = 2000,
     duration: Annotated[float | None, typer.Option(help="seconds to run; default: until Ctrl-C")] = None,
-    seed: Annotated[int, typer.Option(help="random seed (runs with the same seed are identical)")] = 7,
+    seed: Annotated[int | None, typer.Option(help="random seed (default: a new one each run)")] = None,
     incident: Annotated[bool, typer.Option(help="inject a recurring incident at one stage")] = True,
 ) -> None:
     """Post realistic touchpoint events of the shipped journeys to ingest."""
