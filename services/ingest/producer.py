@@ -49,7 +49,7 @@ class TouchpointProducer:
                 if self._producer is None:
                     self._producer = await self._start_producer()
                     log.info("producer connected to %s", self._settings.kafka_bootstrap_servers)
-            except Exception as error:  # noqa: BLE001 - any failure here is retried, never fatal
+            except Exception as error:  # whatever the broker or the network does, retry: never give up
                 log.warning(
                     "broker %s unavailable (%r); retrying in %.2f s",
                     self._settings.kafka_bootstrap_servers, error, backoff_s,
