@@ -163,6 +163,8 @@ def dev(  # noqa: C901 - one linear start-up sequence
     from services.core.kafka import ensure_topics
 
     _setup_logging()
+    # `kill` or a supervisor's SIGTERM stops the stack in order, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     settings = Settings()
     env = dict(os.environ)
     env.setdefault("CEM_LOG_FORMAT", "text")  # a person reads this terminal
@@ -235,6 +237,10 @@ def dev(  # noqa: C901 - one linear start-up sequence
         for server in reversed(embedded):
             server.stop()
         typer.echo("stopped")
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _port_or_free(preferred: int, free_port) -> int:
