@@ -49,6 +49,7 @@ def make_settings(postgres: EmbeddedPostgres, kafka: EmbeddedKafka, **overrides)
         topic_partitions=4,
         producer_timeout_s=3.0,
         scoring_rebalance_timeout_ms=1_000,
+        metrics_refresh_s=1.0,
         scoring_session_timeout_ms=6_000,
     )
     values.update(overrides)

@@ -24,6 +24,9 @@ INGEST_PRODUCE_DURATION = Histogram(
     "Time from handing events to the producer until the broker acknowledged them",
     buckets=LATENCY_BUCKETS,
 )
+INGEST_PENDING_EVENTS = Gauge(
+    "cem_ingest_pending_events", "Events handed to the producer and not yet acknowledged by the broker"
+)
 
 # Scoring
 SCORING_EVENTS = Counter(
@@ -38,6 +41,10 @@ SCORING_BATCH_EVENTS = Histogram(
 SCORING_LAG = Gauge("cem_scoring_lag_records", "Records behind the end of the partition", ["partition"])
 SCORING_FAILURES = Counter(
     "cem_scoring_batch_failures_total", "Scoring batches that failed and were retried, by reason", ["reason"]
+)
+SCORING_DUPLICATES_CONFLICTING = Counter(
+    "cem_scoring_duplicates_conflicting_total",
+    "Records reusing a scored event id with a different payload: ignored (the first one counts)",
 )
 EVENT_TO_SCORE = Histogram(
     "cem_event_to_score_seconds",
@@ -54,6 +61,9 @@ CUSTOMERS = Gauge("cem_customers", "Customers per positioning-map quadrant", ["q
 REVENUE = Gauge("cem_revenue", "Decayed revenue per positioning-map quadrant", ["quadrant"])
 ALERTS_OPEN = Gauge("cem_alerts_open", "Open (or acknowledged) alerts by kind", ["kind"])
 ALERT_TRANSITIONS = Counter("cem_alert_transitions_total", "Alert transitions by kind and new status", ["kind", "to"])
+ALERT_WEBHOOK_FAILURES = Counter(
+    "cem_alert_webhook_failures_total", "Alert transitions the webhook did not take after every retry"
+)
 
 # API
 API_REQUEST_DURATION = Histogram(
@@ -62,3 +72,12 @@ API_REQUEST_DURATION = Histogram(
     ["method", "route", "status"],
     buckets=LATENCY_BUCKETS,
 )
+
+
+ALERT_KINDS = ("customer_at_risk", "customer_hot", "stage_shortfall")
+ALERT_STATUSES = ("open", "acknowledged", "resolved")
+# Export every alert series from the start, at zero: a rule on a missing series never fires.
+for _kind in ALERT_KINDS:
+    ALERTS_OPEN.labels(_kind)
+    for _status in ALERT_STATUSES:
+        ALERT_TRANSITIONS.labels(_kind, _status)

@@ -6,7 +6,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     producer_compression: str | None = Field(None, pattern=r"^(gzip|snappy|lz4|zstd)$")
     producer_timeout_s: float = Field(5.0, gt=0)
     producer_max_inflight_requests: int = Field(2000, ge=1)
+    # Events ingest holds at once while waiting for the broker's acknowledgement: past it, requests
+    # are shed with 503 + Retry-After instead of queueing (bounded memory, fast answers).
+    ingest_max_pending_events: int = Field(10_000, ge=1)
 
     # Validation limits (SPEC 3 and 4).
     max_event_age_days: float = Field(30.0, gt=0)
@@ -67,6 +70,24 @@ class Settings(BaseSettings):
     # How long the group coordinator waits for members to (re)join; the join itself waits for it.
     scoring_session_timeout_ms: int = Field(10_000, ge=1000)
     scoring_rebalance_timeout_ms: int = Field(10_000, ge=500)
+
+    # Alerts (SPEC 7).
+    # The window a stage's shortfall is judged over (the contract says 1 h; tests may shorten it).
+    alert_stage_window_minutes: int = Field(60, ge=1)
+    # How often open stage alerts are re-judged without traffic, so that they resolve once it stops.
+    alert_reevaluate_interval_s: float = Field(15.0, gt=0)
+    # How often the outbox relays look for new transitions (Kafka topic, webhook).
+    alert_relay_interval_s: float = Field(0.25, gt=0)
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: SecretStr | None = None
+    alert_webhook_timeout_s: float = Field(5.0, gt=0)
+    alert_webhook_max_attempts: int = Field(5, ge=1)
+    # Server-Sent Events: how often a stream looks for new transitions, and its heartbeat.
+    alert_stream_poll_s: float = Field(0.25, gt=0)
+    alert_stream_ping_s: float = Field(15.0, gt=0)
+
+    # How often scoring refreshes the domain gauges (stage gaps, quadrants) from the aggregates.
+    metrics_refresh_s: float = Field(15.0, gt=0)
 
     # Query API.
     page_limit_max: int = Field(500, ge=1)

@@ -1,4 +1,4 @@
-"""Refreshes the domain gauges (stage gaps, quadrants) from the aggregates on a timer.
+"""Refreshes the domain gauges (stage gaps, quadrants, open alerts) from the tables on a timer.
 
 Every scoring replica exports the same figures (they read the same tables); dashboards take max().
 """
@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import metrics
+from services.core.alerting import KINDS
 from services.core.scoring import QUADRANTS
 from services.core.settings import Settings
 
 log = logging.getLogger("cem.scoring")
 
-GAUGE_WINDOWS = {"5m": "5 minutes", "1h": "1 hour", "24h": "24 hours"}
+GAUGE_WINDOWS = {"5m": timedelta(minutes=5), "1h": timedelta(hours=1), "24h": timedelta(hours=24)}
 
 
 async def refresh_gauges(engine: AsyncEngine, settings: Settings) -> None:
@@ -33,9 +35,10 @@ async def refresh_gauges(engine: AsyncEngine, settings: Settings) -> None:
                 {"tenant": settings.tenant, "window": interval},
             )
             for row in rows:
-                if row.events:
-                    metrics.STAGE_MEAN_GAP.labels(row.journey, row.stage, label).set(row.gap_sum / row.events)
-                    metrics.STAGE_SHORTFALL_RATIO.labels(row.journey, row.stage, label).set(row.shortfall / row.events)
+                events = int(row.events)  # sum(bigint) is numeric
+                if events:
+                    metrics.STAGE_MEAN_GAP.labels(row.journey, row.stage, label).set(row.gap_sum / events)
+                    metrics.STAGE_SHORTFALL_RATIO.labels(row.journey, row.stage, label).set(int(row.shortfall) / events)
         rows = await conn.execute(
             text(
                 "SELECT quadrant, count(*) AS customers, "
@@ -49,12 +52,22 @@ async def refresh_gauges(engine: AsyncEngine, settings: Settings) -> None:
             row = found.get(quadrant)
             metrics.CUSTOMERS.labels(quadrant).set(row.customers if row else 0)
             metrics.REVENUE.labels(quadrant).set(float(row.revenue or 0) if row else 0)
+        rows = await conn.execute(
+            text(
+                "SELECT kind, count(*) AS alerts FROM alerts WHERE tenant = :tenant AND status <> 'resolved' "
+                "GROUP BY kind"
+            ),
+            {"tenant": settings.tenant},
+        )
+        open_alerts = {row.kind: row.alerts for row in rows}
+        for kind in KINDS:
+            metrics.ALERTS_OPEN.labels(kind).set(open_alerts.get(kind, 0))
 
 
-async def keep_gauges_fresh(engine: AsyncEngine, settings: Settings, interval_s: float = 15.0) -> None:
+async def keep_gauges_fresh(engine: AsyncEngine, settings: Settings) -> None:
     while True:
         try:
             await refresh_gauges(engine, settings)
         except Exception as error:  # the database may be down: the consumer reports it; retry later
-            log.debug("gauge refresh failed: %s", error)
-        await asyncio.sleep(interval_s)
+            log.warning("domain gauge refresh failed: %s", str(error)[:300])
+        await asyncio.sleep(settings.metrics_refresh_s)
