@@ -80,7 +80,15 @@ def scoring() -> None:
 
     _setup_logging()
     settings = Settings()
-    _serve(create_app(settings), settings.host, settings.scoring_port)
+    scoring_app = create_app(settings)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a handler turns that into a return,
+    # so the exit code can say whether the consumer finished its batch (0) or not (1).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    _serve(scoring_app, settings.host, settings.scoring_port)
+    scorer = getattr(scoring_app.state, "scorer", None)
+    if scorer is None or not scorer.drained:
+        log.error("the scoring consumer did not stop cleanly; its last batch was not committed")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -130,6 +138,28 @@ async def _simulate(settings, rate, journey_ids, ingest_url, customers, duration
         loop.add_signal_handler(signum, stop.set)
     stats = await run_simulation(ingest_url, simulator, rate=rate, duration_s=duration, stop=stop)
     typer.echo(f"simulation finished: {stats}")
+
+
+# ---------------------------------------------------------------------------------------------
+# cem dlq: the records scoring could not score.
+
+dlq_app = typer.Typer(help="The dead-letter topic: records scoring could not score.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    limit: Annotated[int | None, typer.Option(min=1, help="replay at most N dead letters")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be replayed; send nothing")] = False,
+    group: Annotated[
+        str | None, typer.Option(help="replay group keeping the position; a new one starts over")
+    ] = None,
+) -> None:
+    """Re-submit dead letters to the touchpoint topic once their cause is fixed (scored event ids count once)."""
+    from services.scoring.dlq import replay_dead_letters
+
+    _setup_logging()
+    asyncio.run(replay_dead_letters(Settings(), limit=limit, dry_run=dry_run, group_id=group, echo=typer.echo))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from services.api import customers, journeys, positioning
+from services.api import alerts, customers, journeys, positioning
 from services.api.deps import EngineDep
 from services.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from services.core.db.engine import create_engine
@@ -24,7 +24,8 @@ READY_TIMEOUT_S = 2.0
 
 DESCRIPTION = """\
 Live customer-experience figures: the expectation gap per journey stage and touchpoint, each
-customer's experience index, revenue and positioning-map quadrant.
+customer's experience index, revenue and positioning-map quadrant; alerts on at-risk customers,
+hot events and failing stages, as a list and as a live stream (Server-Sent Events).
 
 Errors are `{"detail": [{"field", "message", "allowed"?}]}`: 404 and 422 name the parameter;
 503 (with `Retry-After`) means the database is unreachable and the request may be retried.
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(customers.router)
     app.include_router(journeys.router)
     app.include_router(positioning.router)
+    app.include_router(alerts.router)
 
     @app.get("/healthz", summary="The process is up", response_model=Health, tags=["health"])
     async def healthz() -> Health:

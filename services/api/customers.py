@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import ColumnElement, and_, or_, select, tuple_
 
+from services.api.alerts import Alert, open_customer_alerts
 from services.api.deps import EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
 from services.api.errors import INVALID, NOT_FOUND, UNAVAILABLE, NotFound
 from services.api.parameters import (
@@ -61,7 +62,7 @@ class Customer(CustomerSummary):
     first_event_at: datetime
     updated_at: datetime
     stages: list[CustomerStage] = Field(description="Journey order, then stage order of the journey map")
-    open_alerts: list[dict[str, Any]] = Field(description="Open alerts about this customer")
+    open_alerts: list[Alert] = Field(description="The customer's alerts that are not resolved, oldest first")
 
 
 class CustomerPage(BaseModel):
@@ -151,6 +152,7 @@ async def get_customer(
     )
     async with engine.connect() as connection:
         rows = (await connection.execute(query)).all()
+        open_alerts = await open_customer_alerts(connection, tenant, customer_id) if rows else []
     if not rows:
         raise NotFound("customer_id", f"customer '{customer_id}' has never been seen")
     stages = sorted(
@@ -173,7 +175,7 @@ async def get_customer(
         first_event_at=first.first_event_at,
         updated_at=first.updated_at,
         stages=stages,
-        open_alerts=[],
+        open_alerts=open_alerts,
     )
 
 
@@ -202,11 +204,11 @@ def _after(order: Order, cursor: Cursor) -> ColumnElement[bool]:
     if order.descending == ids_descending:
         # A row comparison, which Postgres answers with one index range.
         if order.descending:
-            return tuple_(key, customer_id) < tuple_(cursor.key, cursor.customer_id)
-        return tuple_(key, customer_id) > tuple_(cursor.key, cursor.customer_id)
+            return tuple_(key, customer_id) < tuple_(cursor.key, cursor.id)
+        return tuple_(key, customer_id) > tuple_(cursor.key, cursor.id)
     beyond_key = key < cursor.key if order.descending else key > cursor.key
     at_key = key <= cursor.key if order.descending else key >= cursor.key  # the index range
-    beyond_id = customer_id < cursor.customer_id if ids_descending else customer_id > cursor.customer_id
+    beyond_id = customer_id < cursor.id if ids_descending else customer_id > cursor.id
     return and_(at_key, or_(beyond_key, beyond_id))
 
 
@@ -262,7 +264,7 @@ async def list_customers(
     next_cursor = None
     if len(rows) > limit:
         last = page[-1]
-        next_cursor = encode_cursor(Cursor(order=sort.text, key=_sort_key(sort, last), customer_id=last.customer_id))
+        next_cursor = encode_cursor(Cursor(order=sort.text, key=_sort_key(sort, last), id=last.customer_id))
     return CustomerPage(
         items=[CustomerSummary(**_summary(row, now, settings.revenue_half_life_s)) for row in page],
         next_cursor=next_cursor,

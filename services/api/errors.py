@@ -43,8 +43,16 @@ class InvalidParameter(ApiError):
         super().__init__(422, field, message, allowed)
 
 
+class Conflict(ApiError):
+    """The request is well-formed but the resource's state does not allow it; the message says why."""
+
+    def __init__(self, field: str, message: str, allowed: list[str] | str | None = None):
+        super().__init__(409, field, message, allowed)
+
+
 NOT_FOUND = {404: {"model": ErrorBody, "description": "Not found; `detail` names the parameter"}}
 INVALID = {422: {"model": ErrorBody, "description": "Invalid parameter; `detail` names it and says what is allowed"}}
+CONFLICT = {409: {"model": ErrorBody, "description": "Not allowed in the resource's current state; says why"}}
 UNAVAILABLE = {503: {"model": ErrorBody, "description": "The database is unreachable; retry after `Retry-After` s"}}
 
 # Transient database failures: the pool cannot connect, the connection broke, the connect timed out.

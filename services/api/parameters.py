@@ -86,11 +86,24 @@ def parse_limit(value: int, maximum: int) -> int:
     return value
 
 
+def parse_choices(field: str, value: str | None, allowed: tuple[str, ...]) -> list[str] | None:
+    """A filter of one value or several, comma-separated (`status=open,acknowledged`)."""
+    if value is None:
+        return None
+    chosen = [part.strip() for part in value.split(",")]
+    unknown = [part for part in chosen if part not in allowed]
+    if unknown or not chosen:
+        message = f"unknown {field} '{', '.join(unknown) or value}'; allowed: {', '.join(allowed)} (comma-separated)"
+        raise InvalidParameter(field, message, list(allowed))
+    return chosen
+
+
 # --------------------------------------------------------------------------------------------
-# Customer list order and its keyset cursor.
+# List orders and their keyset cursor.
 
 ORDER_FIELDS = ("revenue", "experience_index", "last_event_at")
 ORDERS = tuple(f"{sign}{field}" for field in ORDER_FIELDS for sign in ("-", ""))
+TIMESTAMP_ORDER_FIELDS = frozenset({"last_event_at", "opened_at", "updated_at"})
 
 
 @dataclass(frozen=True)
@@ -103,25 +116,27 @@ class Order:
         return ("-" if self.descending else "") + self.field
 
 
-def parse_order(value: str) -> Order:
-    if value not in ORDERS:
-        message = f"unknown order '{value}'; allowed: {', '.join(ORDERS)} ('-' sorts descending)"
-        raise InvalidParameter("order", message, list(ORDERS))
+def parse_order(value: str, allowed: tuple[str, ...] = ORDERS) -> Order:
+    """An order of `allowed` (the customer list's by default)."""
+    if value not in allowed:
+        message = f"unknown order '{value}'; allowed: {', '.join(allowed)} ('-' sorts descending)"
+        raise InvalidParameter("order", message, list(allowed))
     return Order(field=value.lstrip("-"), descending=value.startswith("-"))
 
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a page ended: the last row's sort key and customer id, under the order it was issued for."""
+    """Where a page ended: the last row's sort key and id (the tie-break), under the order it was
+    issued for."""
 
     order: str
     key: float | datetime
-    customer_id: str
+    id: str
 
 
 def encode_cursor(cursor: Cursor) -> str:
     key = cursor.key.isoformat() if isinstance(cursor.key, datetime) else cursor.key
-    payload = orjson.dumps({"order": cursor.order, "key": key, "id": cursor.customer_id})
+    payload = orjson.dumps({"order": cursor.order, "key": key, "id": cursor.id})
     return base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
 
 
@@ -132,15 +147,15 @@ def decode_cursor(value: str, order: Order) -> Cursor:
 
     try:
         payload = orjson.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
-        cursor_order, key, customer_id = payload["order"], payload["key"], payload["id"]
+        cursor_order, key, row_id = payload["order"], payload["key"], payload["id"]
     except (binascii.Error, ValueError, TypeError, KeyError) as error:
         raise invalid("not one this API issued") from error
     if cursor_order != order.text:
         raise invalid(f"it was issued for order={cursor_order}, not order={order.text}")
-    if not isinstance(customer_id, str):
+    if not isinstance(row_id, str):
         raise invalid("not one this API issued")
     try:
-        if order.field == "last_event_at":
+        if order.field in TIMESTAMP_ORDER_FIELDS:
             key = datetime.fromisoformat(key)
             if key.tzinfo is None:
                 raise ValueError("naive timestamp")
@@ -150,4 +165,4 @@ def decode_cursor(value: str, order: Order) -> Cursor:
             key = float(key)
     except (TypeError, ValueError) as error:
         raise invalid("not one this API issued") from error
-    return Cursor(order=cursor_order, key=key, customer_id=customer_id)
+    return Cursor(order=cursor_order, key=key, id=row_id)

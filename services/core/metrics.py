@@ -40,7 +40,9 @@ SCORING_BATCH_EVENTS = Histogram(
 )
 SCORING_LAG = Gauge("cem_scoring_lag_records", "Records behind the end of the partition", ["partition"])
 SCORING_FAILURES = Counter(
-    "cem_scoring_batch_failures_total", "Scoring batches that failed and were retried, by reason", ["reason"]
+    "cem_scoring_batch_failures_total",
+    "Scoring batches that failed and were retried, by reason (database, broker, error, stale_offsets)",
+    ["reason"],
 )
 SCORING_DUPLICATES_CONFLICTING = Counter(
     "cem_scoring_duplicates_conflicting_total",

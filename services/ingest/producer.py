@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaError
 
 from services.core.events import TouchpointRecord
 from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer, ensure_topics, touchpoint_key
-from services.core.metrics import INGEST_PRODUCE_DURATION
+from services.core.metrics import INGEST_PENDING_EVENTS, INGEST_PRODUCE_DURATION
 from services.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,10 @@ class BrokerUnavailable(Exception):
     """The broker is not connected or did not acknowledge in time: the client may retry."""
 
 
+class Overloaded(Exception):
+    """Too many events wait for the broker's acknowledgement: shed the request, the client may retry."""
+
+
 class TouchpointProducer:
     """Owns the Kafka producer. `run()` (a background task) creates the topics and starts the
     producer, retrying with backoff, so the service starts and answers 503 while the broker is down."""
@@ -36,10 +40,17 @@ class TouchpointProducer:
         # Set when a write or a readiness check failed: `run()` then checks the topics again,
         # because a broker that restarted empty (the dev broker keeps topics in memory) lost them.
         self._trouble = asyncio.Event()
+        # Events handed to the producer and not yet acknowledged (or failed): the bound on the
+        # work and memory ingest holds for a slow broker.
+        self.pending_events = 0
 
     @property
     def started(self) -> bool:
         return self._producer is not None
+
+    @property
+    def saturated(self) -> bool:
+        return self.pending_events >= self._settings.ingest_max_pending_events
 
     async def run(self) -> None:
         backoff_s = FIRST_BACKOFF_S
@@ -75,11 +86,25 @@ class TouchpointProducer:
         """Write the records concurrently and wait until the broker acknowledged every one.
 
         Raises BrokerUnavailable if any write failed or took longer than producer_timeout_s; some
-        may have been written then, which is safe: scoring drops duplicate event ids.
+        may have been written then, which is safe: scoring drops duplicate event ids. Raises
+        Overloaded, before writing any, if the records would take the pending events past
+        ingest_max_pending_events (a request is always admitted when nothing is pending).
         """
         producer = self._producer
         if producer is None:
             raise BrokerUnavailable("the producer is not connected yet")
+        limit = self._settings.ingest_max_pending_events
+        if self.pending_events and self.pending_events + len(records) > limit:
+            raise Overloaded(f"{self.pending_events} events wait for the broker (at most {limit})")
+        self.pending_events += len(records)
+        INGEST_PENDING_EVENTS.set(self.pending_events)
+        try:
+            await self._send_all(producer, records)
+        finally:
+            self.pending_events -= len(records)
+            INGEST_PENDING_EVENTS.set(self.pending_events)
+
+    async def _send_all(self, producer: AIOKafkaProducer, records: list[TouchpointRecord]) -> None:
         started = time.perf_counter()
         outcomes = await asyncio.gather(*(self._send(producer, record) for record in records), return_exceptions=True)
         failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]

@@ -14,7 +14,7 @@ from services.core.http import field_error
 from services.core.journeys import Journey
 from services.core.metrics import INGEST_EVENTS
 from services.core.settings import Settings
-from services.ingest.producer import BrokerUnavailable, TouchpointProducer
+from services.ingest.producer import BrokerUnavailable, Overloaded, TouchpointProducer
 
 MAX_EVENT_BYTES = 64 * 1024  # a valid event is a few KiB at most (attributes <= 2 KiB): more is a mistake
 JSON = "application/json"
@@ -23,6 +23,10 @@ RETRY_AFTER_S = "1"
 BROKER_UNAVAILABLE = (
     "the event broker is unavailable or did not acknowledge in time; nothing in this request was accepted. "
     "Retry the request with the same event ids: duplicates are dropped."
+)
+OVERLOADED = (
+    "ingest is overloaded: too many events are waiting for the broker's acknowledgement; nothing in this "
+    "request was accepted. Retry after the Retry-After delay with the same event ids."
 )
 # Metric label values: bounded, whatever the client sends (an unknown field's name is not one).
 REJECT_REASONS = frozenset({*FIELDS, "(event)", "(body)"})
@@ -74,6 +78,7 @@ ContextDep = Annotated[ValidationContext, Depends(get_validation_context)]
 
 @router.post("/v1/events", status_code=202)
 async def post_event(request: Request, context: ContextDep, producer: ProducerDep) -> Response:
+    _shed_if_saturated(producer)
     _require_media_type(request, {JSON})
     body = await _read_body(request, MAX_EVENT_BYTES, "a valid event is a few KiB (attributes at most 2 KiB)")
     payload = _parse_json(body)
@@ -90,6 +95,7 @@ async def post_event(request: Request, context: ContextDep, producer: ProducerDe
 async def post_batch(
     request: Request, context: ContextDep, producer: ProducerDep, settings: SettingsDep
 ) -> Response:
+    _shed_if_saturated(producer)
     media_type = _require_media_type(request, {JSON, NDJSON})
     body = await _read_body(request, settings.batch_max_bytes, "split the events into several batches")
     items = _ndjson_items(body) if media_type == NDJSON else _json_batch_items(body)
@@ -149,7 +155,17 @@ async def _produce(producer: TouchpointProducer, records: list[TouchpointRecord]
     except BrokerUnavailable:
         INGEST_EVENTS.labels("failed", "broker_unavailable").inc(len(records))
         raise HTTPException(503, detail=BROKER_UNAVAILABLE, headers={"Retry-After": RETRY_AFTER_S}) from None
+    except Overloaded:
+        INGEST_EVENTS.labels("failed", "overloaded").inc(len(records))
+        raise HTTPException(503, detail=OVERLOADED, headers={"Retry-After": RETRY_AFTER_S}) from None
     INGEST_EVENTS.labels("accepted", "").inc(len(records))
+
+
+def _shed_if_saturated(producer: TouchpointProducer) -> None:
+    """Refuse before reading the body: a saturated ingest spends nothing on work it cannot finish."""
+    if producer.saturated:
+        INGEST_EVENTS.labels("failed", "overloaded").inc()
+        raise HTTPException(503, detail=OVERLOADED, headers={"Retry-After": RETRY_AFTER_S})
 
 
 def _require_media_type(request: Request, allowed: set[str]) -> str:

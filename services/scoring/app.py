@@ -14,8 +14,10 @@ from services.core.db.engine import create_engine
 from services.core.http import install_common
 from services.core.journeys import load_journeys
 from services.core.settings import Settings
+from services.scoring.alerts import AlertEvaluator, keep_stage_alerts_fresh
 from services.scoring.consumer import Scorer
 from services.scoring.gauges import keep_gauges_fresh
+from services.scoring.relay import KafkaAlerts, WebhookAlerts, kafka_relay_name, run_relay, webhook_relay_name
 
 log = logging.getLogger("cem.scoring")
 
@@ -27,19 +29,54 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine = create_engine(settings.database_url)
         scorer = Scorer(settings, engine, journeys)
+        # Alerts are judged in each batch's transaction, by the journeys the scorer scores with.
+        scorer.after_batch = AlertEvaluator(scorer.context, settings.alert_stage_window_minutes)
         task = asyncio.create_task(scorer.run(), name="scoring-consumer")
-        gauges = asyncio.create_task(keep_gauges_fresh(engine, settings), name="domain-gauges")
+        kafka_alerts = KafkaAlerts(settings)
+        webhook = WebhookAlerts(settings) if settings.alert_webhook_url else None
+        helpers = [
+            asyncio.create_task(keep_gauges_fresh(engine, settings), name="domain-gauges"),
+            asyncio.create_task(
+                keep_stage_alerts_fresh(
+                    engine, scorer.context, settings.alert_stage_window_minutes, settings.alert_reevaluate_interval_s
+                ),
+                name="stage-alert-timer",
+            ),
+            asyncio.create_task(
+                run_relay(engine, kafka_relay_name(settings), kafka_alerts, interval_s=settings.alert_relay_interval_s),
+                name="alert-relay-kafka",
+            ),
+        ]
+        if webhook is not None:
+            helpers.append(
+                asyncio.create_task(
+                    run_relay(
+                        engine,
+                        webhook_relay_name(settings.alert_webhook_url),
+                        webhook,
+                        interval_s=settings.alert_relay_interval_s,
+                        start_at_end=True,
+                    ),
+                    name="alert-relay-webhook",
+                )
+            )
         app.state.scorer, app.state.engine, app.state.task = scorer, engine, task
         try:
             yield
         finally:
-            gauges.cancel()
             # SIGTERM: let the in-flight batch commit, then leave the group.
             scorer.stop()
             try:
                 await asyncio.wait_for(task, timeout=30)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 task.cancel()
+            # Transitions not yet relayed stay in the log: the next relay leader delivers them.
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await kafka_alerts.close()
+            if webhook is not None:
+                await webhook.close()
             await engine.dispose()
 
     app = FastAPI(title="CEM scoring", lifespan=lifespan, default_response_class=JSONResponse)

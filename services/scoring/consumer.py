@@ -1,24 +1,29 @@
 """The scoring consumer: reads touchpoint records, scores each batch in one Postgres transaction,
-resumes from the offsets stored in Postgres on start and on every rebalance."""
+resumes from the offsets stored in Postgres on start and on every rebalance, and sends the records
+that cannot be scored to the dead-letter topic."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
 import uuid
-from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import metrics
-from services.core.events import TouchpointRecord
+from services.core.events import CUSTOMER_ID_PATTERN, EVENT_ID_PATTERN, TouchpointRecord
 from services.core.journeys import Journey
 from services.core.kafka import create_consumer, create_producer
 from services.core.scoring import HalfLives, ScoredEvent
@@ -37,6 +42,24 @@ log = logging.getLogger("cem.scoring")
 
 # Called inside the batch transaction after the aggregates are updated (alert evaluation).
 AfterBatch = Callable[[object, BatchOutcome], Awaitable[None]]
+Batch = dict[TopicPartition, list[ConsumerRecord]]
+
+FIRST_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 5.0
+# SQLSTATE classes that say "this data cannot be stored" (22 data exception, 23 integrity
+# violation, 54 program limit such as an index row too large). Any other failure (connection,
+# deadlock, a missing column after a bad deploy, a bug) is retried and never sent to the DLQ:
+# diverting on a bug would empty the stream into the DLQ.
+POISON_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
+# Fields hashed to tell a client's retry (same payload) from a conflicting reuse of an event id.
+# Not received_at (differs per retry), nor tenant (part of the key).
+PAYLOAD_FIELDS = (
+    "event_id", "occurred_at", "customer_id", "journey", "stage", "touchpoint", "channel", "source",
+    "experience", "expectation", "emotion", "revenue", "attributes",
+)  # fmt: skip
+
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
+_CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN)
 
 
 def to_scored_event(record: TouchpointRecord) -> ScoredEvent:
@@ -57,20 +80,82 @@ def to_scored_event(record: TouchpointRecord) -> ScoredEvent:
     )
 
 
+def payload_hash(record: TouchpointRecord) -> bytes:
+    """16 bytes that differ when two records with one event id carry different content."""
+    content = record.model_dump(mode="json", include=set(PAYLOAD_FIELDS))
+    content["occurred_at"] = record.occurred_at.astimezone(timezone.utc).isoformat()
+    return hashlib.blake2b(orjson.dumps(content, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
 @dataclass(frozen=True)
 class PoisonRecord:
     record: ConsumerRecord
     reason: str
 
 
-def decode(record: ConsumerRecord) -> TenantEvent | PoisonRecord:
+def _record_problem(touchpoint: TouchpointRecord, settings: Settings | None) -> str | None:
+    """What ingest would have refused, checked again: a record may come from anywhere."""
+    if not _EVENT_ID.match(touchpoint.event_id):
+        return "event_id must be 1-64 characters of A-Z a-z 0-9 _ . : -"
+    if not _CUSTOMER_ID.match(touchpoint.customer_id):
+        return "customer_id must be 1-128 printable characters"
+    if touchpoint.occurred_at.tzinfo is None or touchpoint.received_at.tzinfo is None:
+        return "occurred_at and received_at need a UTC offset"
+    if settings is not None:
+        # Outside the window ingest accepts, the decay weights over- or underflow.
+        age_s = (touchpoint.received_at - touchpoint.occurred_at).total_seconds()
+        slack_s = 60.0  # ingest reads its clock more than once per event
+        if not -settings.max_future_skew_s - slack_s <= age_s <= settings.max_event_age_s + slack_s:
+            return f"occurred_at is {age_s:.0f} s before received_at, outside the accepted window"
+    return None
+
+
+def decode(record: ConsumerRecord, settings: Settings | None = None) -> TenantEvent | PoisonRecord:
     try:
         if record.value is None:
             raise ValueError("record has no value")
         touchpoint = TouchpointRecord.model_validate_json(record.value)
     except (ValidationError, ValueError) as error:
         return PoisonRecord(record, f"undecodable touchpoint record: {str(error)[:500]}")
-    return TenantEvent(touchpoint.tenant, to_scored_event(touchpoint), touchpoint.received_at.timestamp())
+    problem = _record_problem(touchpoint, settings)
+    if problem is not None:
+        return PoisonRecord(record, f"invalid touchpoint record: {problem}")
+    return TenantEvent(
+        touchpoint.tenant, to_scored_event(touchpoint), touchpoint.received_at.timestamp(), payload_hash(touchpoint)
+    )
+
+
+def is_poison_failure(error: BaseException) -> bool:
+    """True if Postgres refused the data itself, so that retrying the same records cannot help."""
+    if not isinstance(error, DBAPIError):
+        return False
+    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in POISON_SQLSTATE_CLASSES
+
+
+def _failure_kind(error: BaseException) -> str:
+    """The reason label of a retried failure: few values, whatever the exception."""
+    if isinstance(error, KafkaError):
+        return "broker"
+    if isinstance(error, (DBAPIError, OSError, asyncio.TimeoutError)):
+        return "database"
+    return "error"
+
+
+def _split(batch: Batch) -> tuple[Batch, Batch]:
+    """Two halves, each partition's records kept in offset order; the first half holds the
+    lower offsets of every partition it shares with the second, so committing it first keeps
+    the stored offsets moving forward."""
+    flat = [(tp, record) for tp, records in batch.items() for record in records]
+    middle = len(flat) // 2
+    halves: tuple[Batch, Batch] = ({}, {})
+    for index, (tp, record) in enumerate(flat):
+        halves[index >= middle].setdefault(tp, []).append(record)
+    return halves
+
+
+def _size(batch: Batch) -> int:
+    return sum(len(records) for records in batch.values())
 
 
 class _ResumeFromStoredOffsets(ConsumerRebalanceListener):
@@ -82,10 +167,11 @@ class _ResumeFromStoredOffsets(ConsumerRebalanceListener):
         async with self.scorer.batch_lock:
             for partition in revoked:
                 self.scorer.stored_offsets.pop(partition, None)
+                self.scorer.unresumed.discard(partition)
 
     async def on_partitions_assigned(self, assigned):
         async with self.scorer.batch_lock:
-            await self.scorer.resume(list(assigned))
+            await self.scorer.take_over(list(assigned))
 
 
 class Scorer:
@@ -113,10 +199,19 @@ class Scorer:
         self.after_batch = after_batch
         self.batch_lock = asyncio.Lock()
         self.stored_offsets: dict[TopicPartition, int | None] = {}
+        # Assigned, but their stored offsets could not be read (database down): paused until they are.
+        self.unresumed: set[TopicPartition] = set()
+        self._resume_backoff_s = FIRST_BACKOFF_S
+        self._next_resume_attempt = 0.0
+        # (topic, partition, offset) already on the DLQ while their batch is retried or split.
+        self._dead_lettered: set[tuple[str, int, int]] = set()
+        self._gap_seeks: dict[TopicPartition, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._stopping = asyncio.Event()
         self.running = False
+        # True once run() returned because of stop(), with no batch left half done.
+        self.drained = False
         self.last_error: str | None = None
         self.batches = 0
 
@@ -127,19 +222,48 @@ class Scorer:
         by_topic: dict[str, list[int]] = {}
         for tp in partitions:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
+        loaded: dict[TopicPartition, int | None] = {}
         async with self.engine.begin() as conn:
             for topic, numbers in by_topic.items():
                 stored = await load_offsets(conn, self.settings.scoring_group_id, topic, numbers)
                 for number in numbers:
-                    tp = TopicPartition(topic, number)
-                    self.stored_offsets[tp] = stored.get(number)
+                    loaded[TopicPartition(topic, number)] = stored.get(number)
+        self.stored_offsets.update(loaded)
         for tp in partitions:
-            offset = self.stored_offsets.get(tp)
-            if offset is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
+            # seek(0), not seek_to_beginning(): the latter resets asynchronously and races aiokafka's
+            # own initial positioning (seen: a partition delivered twice). If retention removed
+            # offset 0, the fetch is out of range and auto_offset_reset=earliest finds the start.
+            self.consumer.seek(tp, self.stored_offsets.get(tp) or 0)
         log.info("resumed %s", {f"{tp.topic}[{tp.partition}]": self.stored_offsets.get(tp) for tp in partitions})
+
+    async def take_over(self, partitions: list[TopicPartition]) -> None:
+        """Resume newly assigned partitions; if the database is down, pause them until it is back
+        (reading them from anywhere else than the stored offsets could skip records)."""
+        try:
+            await self.resume(partitions)
+        except Exception as error:  # noqa: BLE001 - aiokafka would swallow it and fetch from elsewhere
+            self.last_error = f"database unavailable: cannot read the stored offsets: {str(error)[:300]}"
+            log.warning("%s; partitions %s paused", self.last_error, sorted(tp.partition for tp in partitions))
+            for tp in partitions:
+                self.stored_offsets.pop(tp, None)
+            self.consumer.pause(*partitions)
+            self.unresumed.update(partitions)
+            self._next_resume_attempt = time.monotonic() + self._resume_backoff_s
+            self._resume_backoff_s = min(self._resume_backoff_s * 2, MAX_BACKOFF_S)
+
+    async def _retry_unresumed(self) -> None:
+        if not self.unresumed or time.monotonic() < self._next_resume_attempt:
+            return
+        async with self.batch_lock:
+            partitions = [tp for tp in self.unresumed if tp in self.consumer.assignment()]
+            self.unresumed.clear()
+            await self.take_over(partitions)
+            resumed = [tp for tp in partitions if tp not in self.unresumed]
+            if resumed:
+                self.consumer.resume(*resumed)
+            if not self.unresumed:
+                self._resume_backoff_s = FIRST_BACKOFF_S
+                self.last_error = None
 
     async def run(self) -> None:
         self.consumer = create_consumer(self.settings)
@@ -147,16 +271,29 @@ class Scorer:
         await self._start_clients()
         self.consumer.subscribe([self.settings.touchpoints_topic], listener=_ResumeFromStoredOffsets(self))
         self.running = True
+        poll_backoff_s = FIRST_BACKOFF_S
+        drained = True
         try:
             while not self._stopping.is_set():
-                batch = await self.consumer.getmany(
-                    timeout_ms=self.settings.scoring_poll_timeout_ms, max_records=self.settings.scoring_max_batch
-                )
+                await self._retry_unresumed()
+                try:
+                    batch = await self.consumer.getmany(
+                        timeout_ms=self.settings.scoring_poll_timeout_ms, max_records=self.settings.scoring_max_batch
+                    )
+                except KafkaError as error:  # the broker went away mid-poll: keep the loop alive
+                    self.last_error = f"broker unavailable: {error!r}"
+                    log.warning("poll failed (%s); retrying in %.1f s", self.last_error, poll_backoff_s)
+                    await asyncio.sleep(poll_backoff_s)
+                    poll_backoff_s = min(poll_backoff_s * 2, MAX_BACKOFF_S)
+                    continue
+                poll_backoff_s = FIRST_BACKOFF_S
                 if batch:
-                    await self._process_with_retry(batch)
+                    drained = await self._process_with_retry(batch)
                 self._export_lag()
+            self.drained = drained
         finally:
             self.running = False
+            log.info("scoring consumer stopping after %d batches; drained: %s", self.batches, self.drained)
             await self.consumer.stop()
             await self.producer.stop()
 
@@ -176,51 +313,125 @@ class Scorer:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _process_with_retry(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        delay = 0.1
-        while True:
-            try:
-                async with self.batch_lock:
-                    await self._process(batch)
-                self.last_error = None
-                return
-            except StaleOffsets as error:
-                # Another consumer committed these partitions: drop the batch and re-seek.
-                metrics.SCORING_FAILURES.labels("stale_offsets").inc()
-                log.warning("%s; re-reading stored offsets", error)
-                async with self.batch_lock:
-                    await self.resume([tp for tp in batch if tp in self.consumer.assignment()])
-                return
-            except (OperationalError, DBAPIError, OSError, asyncio.TimeoutError) as error:
-                # Database down or a deadlock: nothing was committed, offsets did not move. Retry
-                # the same batch; if the partitions were revoked meanwhile, drop it (the new owner
-                # resumes from the stored offsets).
-                metrics.SCORING_FAILURES.labels(type(error).__name__).inc()
-                self.last_error = f"database unavailable: {str(error)[:300]}"
-                log.warning("scoring batch failed (%s); retrying in %.1f s", self.last_error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _process_with_retry(self, batch: Batch) -> bool:
+        """Commit the batch, retrying transient failures with backoff; a batch Postgres refuses is
+        split until the records it refuses are alone, and those go to the DLQ. Returns False if
+        stopped before the batch was committed (nothing of it was)."""
+        batch = await self._without_gaps(batch)
+        pending: list[Batch] = [batch] if batch else []  # in order: a partition's lower offsets come first
+        refused: dict[tuple[str, int, int], int] = {}
+        delay = FIRST_BACKOFF_S
+        try:
+            while pending:
+                part = pending[0]
+                try:
+                    async with self.batch_lock:
+                        await self._process(part)
+                    pending.pop(0)
+                    delay = FIRST_BACKOFF_S
+                    self.last_error = None
+                    continue
+                except StaleOffsets as error:
+                    # Another consumer committed these partitions: drop the batch and re-seek.
+                    metrics.SCORING_FAILURES.labels("stale_offsets").inc()
+                    log.warning("%s; re-reading stored offsets", error)
+                    async with self.batch_lock:
+                        await self.take_over([tp for tp in batch if tp in self.consumer.assignment()])
+                    return True
+                except Exception as error:  # noqa: BLE001 - sorted below: poison, or retried
+                    if is_poison_failure(error):
+                        if _size(part) > 1:
+                            pending[0:1] = [half for half in _split(part) if half]
+                            continue
+                        [(tp, [record])] = part.items()
+                        key = (tp.topic, tp.partition, record.offset)
+                        refused[key] = refused.get(key, 0) + 1
+                        if refused[key] >= 2:  # refused alone twice: the record, not a race
+                            reason = f"Postgres refused the record: {str(error.orig)[:400]}"
+                            async with self.batch_lock:
+                                await self._divert(tp, record, reason)
+                            pending.pop(0)
+                            continue
+                    else:
+                        kind = _failure_kind(error)
+                        metrics.SCORING_FAILURES.labels(kind).inc()
+                        self.last_error = f"scoring batch failed ({kind} unavailable): {str(error)[:300]}"
+                        if kind == "error":  # neither outage: a bug, or a deploy that missed a migration
+                            self.last_error = f"scoring batch failed: {type(error).__name__}: {str(error)[:300]}"
+                        # Nothing was committed, offsets did not move: retry the same records.
+                        log.warning("%s; retrying in %.1f s", self.last_error, delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, MAX_BACKOFF_S)
                 if self._stopping.is_set():
-                    return
-                batch = {tp: records for tp, records in batch.items() if tp in self.consumer.assignment()}
-                if not batch:
-                    return
+                    return False
+                # If partitions were revoked meanwhile, drop their records: the new owner resumes
+                # from the stored offsets.
+                assignment = self.consumer.assignment()
+                pending = [kept for kept in ({tp: r for tp, r in p.items() if tp in assignment} for p in pending) if kept]
+            return True
+        finally:
+            self._dead_lettered.clear()
 
-    async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+    async def _without_gaps(self, batch: Batch) -> Batch:
+        """Drop the records of a partition that start past its stored offset, and seek back: scoring
+        them would store an offset beyond records never read. Accepted if the broker deleted the
+        missing records (retention), or if the same gap shows again after the seek (offsets that
+        hold no record: transaction markers, compaction)."""
+        kept: Batch = {}
+        for tp, records in batch.items():
+            stored = self.stored_offsets.get(tp)
+            if stored is None or not records or records[0].offset <= stored:
+                kept[tp] = records
+                continue
+            log_start = (await self.consumer.beginning_offsets([tp]))[tp]
+            if log_start > stored:
+                log.error(
+                    "%s[%d]: offsets %d to %d were deleted by the broker before they were scored",
+                    tp.topic, tp.partition, stored, log_start - 1,
+                )  # fmt: skip
+                kept[tp] = records
+            elif self._gap_seeks.get(tp) == stored:
+                kept[tp] = records
+            else:
+                log.warning(
+                    "%s[%d]: records from offset %d, past the stored offset %d: seeking back",
+                    tp.topic, tp.partition, records[0].offset, stored,
+                )  # fmt: skip
+                self._gap_seeks[tp] = stored
+                self.consumer.seek(tp, stored)
+        return kept
+
+    def _ranges(self, batch: Batch) -> list[PartitionRange]:
+        ranges = []
+        for tp, records in sorted(batch.items(), key=lambda item: item[0].partition):
+            if tp not in self.stored_offsets or not records:
+                continue  # revoked while we were polling
+            stored = self.stored_offsets[tp]
+            if stored is not None and records[0].offset < stored:
+                # Records delivered again after a seek (an aiokafka race), or a topic recreated
+                # empty (the memory-only dev broker after a restart): score them again, the event
+                # ids drop what was scored, and the stored offset follows what was read.
+                log.info(
+                    "%s[%d]: records from offset %d, below the stored offset %d: read again",
+                    tp.topic, tp.partition, records[0].offset, stored,
+                )  # fmt: skip
+            ranges.append(PartitionRange(tp.topic, tp.partition, stored, records[-1].offset + 1))
+        return ranges
+
+    async def _process(self, batch: Batch) -> None:
         started = time.perf_counter()
         batch_id = uuid.uuid4().hex[:12]
-        events: list[TenantEvent] = []
-        poison: list[PoisonRecord] = []
-        ranges: list[PartitionRange] = []
-        for tp, records in sorted(batch.items(), key=lambda item: item[0].partition):
-            if tp not in self.stored_offsets:
-                continue  # revoked while we were polling
-            for record in records:
-                decoded = decode(record)
-                (poison if isinstance(decoded, PoisonRecord) else events).append(decoded)
-            ranges.append(PartitionRange(tp.topic, tp.partition, self.stored_offsets[tp], records[-1].offset + 1))
+        ranges = self._ranges(batch)
         if not ranges:
             return
+        owned = {(item.topic, item.partition) for item in ranges}
+        events: list[TenantEvent] = []
+        poison: list[PoisonRecord] = []
+        for tp, records in batch.items():
+            if (tp.topic, tp.partition) in owned:
+                for record in records:
+                    decoded = decode(record, self.settings)
+                    (poison if isinstance(decoded, PoisonRecord) else events).append(decoded)
         # Poison records are on the DLQ (acknowledged) before their offsets are committed.
         await self._send_to_dlq(poison)
 
@@ -230,30 +441,59 @@ class Scorer:
             if self.after_batch is not None:
                 await self.after_batch(conn, outcome)
         committed = time.time()
-        for item in ranges:
-            self.stored_offsets[TopicPartition(item.topic, item.partition)] = item.next_offset
-        # Kafka's own committed offsets are informational (lag tools); Postgres is the truth.
-        try:
-            await self.consumer.commit({TopicPartition(r.topic, r.partition): r.next_offset for r in ranges})
-        except Exception as error:  # a rebalance in progress: harmless, the next batch commits again
-            log.debug("kafka offset commit skipped: %s", error)
+        await self._committed(ranges)
 
         metrics.SCORING_EVENTS.labels("scored").inc(len(outcome.scored))
         metrics.SCORING_EVENTS.labels("duplicate").inc(outcome.duplicates)
         metrics.SCORING_EVENTS.labels("dlq").inc(len(poison))
+        metrics.SCORING_DUPLICATES_CONFLICTING.inc(outcome.conflicting)
         metrics.SCORING_BATCH_EVENTS.observe(len(events) + len(poison))
         metrics.SCORING_BATCH_DURATION.observe(time.perf_counter() - started)
         for item in outcome.scored:
             metrics.EVENT_TO_SCORE.observe(max(0.0, committed - item.received_s))
         self.batches += 1
+        if outcome.conflicting:
+            log.warning(
+                "batch %s: %d records reused a scored event id with a different payload; ignored",
+                batch_id, outcome.conflicting,
+            )  # fmt: skip
         log.info(
             "batch %s: %d records, %d scored, %d duplicate, %d dlq, %d quadrant changes, %.1f ms",
             batch_id, len(events) + len(poison), len(outcome.scored), outcome.duplicates, len(poison),
             len(outcome.quadrant_changes), (time.perf_counter() - started) * 1000,
         )  # fmt: skip
 
+    async def _divert(self, tp: TopicPartition, record: ConsumerRecord, reason: str) -> None:
+        """Send one record Postgres refuses to the DLQ, then move its partition past it."""
+        ranges = self._ranges({tp: [record]})
+        if not ranges:
+            return
+        await self._send_to_dlq([PoisonRecord(record, reason)])
+        async with self.engine.begin() as conn:
+            await score_batch(conn, [], ranges, self.context, datetime.now(timezone.utc))
+        await self._committed(ranges)
+        metrics.SCORING_EVENTS.labels("dlq").inc()
+        log.warning("%s[%d] offset %d sent to the DLQ: %s", tp.topic, tp.partition, record.offset, reason)
+
+    async def _committed(self, ranges: list[PartitionRange]) -> None:
+        for item in ranges:
+            tp = TopicPartition(item.topic, item.partition)
+            self.stored_offsets[tp] = item.next_offset
+            # A getmany() that ran while the rebalance listener sought to the stored offset returns
+            # records from before the seek: once they are committed, skip the re-delivery the seek
+            # would cause (it would be dropped by event id, but costs a batch and re-sends poison).
+            if tp in self.consumer.assignment() and await self.consumer.position(tp) < item.next_offset:
+                self.consumer.seek(tp, item.next_offset)
+        # Kafka's own committed offsets are informational (lag tools); Postgres is the truth.
+        try:
+            await self.consumer.commit({TopicPartition(r.topic, r.partition): r.next_offset for r in ranges})
+        except Exception as error:  # a rebalance in progress: harmless, the next batch commits again
+            log.debug("kafka offset commit skipped: %s", error)
+
     async def _send_to_dlq(self, poison: list[PoisonRecord]) -> None:
-        if not poison:
+        # A batch retried or split would send its poison again: once is enough.
+        fresh = [item for item in poison if self._dead_letter_key(item) not in self._dead_lettered]
+        if not fresh:
             return
         futures = [
             await self.producer.send(
@@ -267,9 +507,14 @@ class Scorer:
                     ("source_offset", str(item.record.offset).encode()),
                 ],
             )
-            for item in poison
+            for item in fresh
         ]
         await asyncio.gather(*futures)
+        self._dead_lettered.update(self._dead_letter_key(item) for item in fresh)
+
+    @staticmethod
+    def _dead_letter_key(item: PoisonRecord) -> tuple[str, int, int]:
+        return (item.record.topic, item.record.partition, item.record.offset)
 
     def _export_lag(self) -> None:
         for tp in self.consumer.assignment():

@@ -41,6 +41,7 @@ class TenantEvent:
     tenant: str
     event: ScoredEvent
     received_s: float
+    payload_hash: bytes | None = None  # tells a client's retry from a different event under the same id
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,12 @@ class QuadrantChange:
 class BatchOutcome:
     scored: list[TenantEvent] = field(default_factory=list)
     duplicates: int = 0
+    conflicting: int = 0  # duplicates whose payload differs from the one scored: ignored, counted
     quadrant_changes: list[QuadrantChange] = field(default_factory=list)
     customers: dict[tuple[str, str], CustomerState] = field(default_factory=dict)
+    # The quadrant stored for every customer of the batch, and the instant revenue was valued at.
+    quadrants: dict[tuple[str, str], str] = field(default_factory=dict)
+    now: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,8 @@ async def score_batch(
     now: datetime,
 ) -> BatchOutcome:
     """Apply one batch inside the caller's transaction. Raises StaleOffsets if fenced off."""
-    outcome = BatchOutcome()
-    fresh = await _claim_new_events(conn, events)
+    outcome = BatchOutcome(now=now)
+    fresh, outcome.conflicting = await _claim_new_events(conn, events)
     outcome.duplicates = len(events) - len(fresh)
     outcome.scored = fresh
 
@@ -114,28 +119,56 @@ async def score_batch(
     return outcome
 
 
-async def _claim_new_events(conn: AsyncConnection, events: list[TenantEvent]) -> list[TenantEvent]:
-    """Record (tenant, event_id) of every event; keep those never seen before (first wins)."""
+async def _claim_new_events(conn: AsyncConnection, events: list[TenantEvent]) -> tuple[list[TenantEvent], int]:
+    """Record (tenant, event_id) of every event; keep those never seen before (first wins).
+
+    Also returns how many of the others carried a payload different from the one kept: a client
+    that reused an event id for another event (ignored, but counted so that someone looks).
+    """
     unique: dict[tuple[str, str], TenantEvent] = {}
+    conflicting = 0
     for item in events:
-        unique.setdefault((item.tenant, item.event.event_id), item)
+        key = (item.tenant, item.event.event_id)
+        first = unique.setdefault(key, item)
+        if first is not item and _differ(first.payload_hash, item.payload_hash):
+            conflicting += 1
     if not unique:
-        return []
+        return [], 0
     rows = await conn.execute(
         text(
-            "INSERT INTO processed_events (tenant, event_id, occurred_at) "
+            "INSERT INTO processed_events (tenant, event_id, occurred_at, payload_hash) "
             "SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:event_ids AS text[]), "
-            "CAST(:occurred AS timestamptz[])) "
+            "CAST(:occurred AS timestamptz[]), CAST(:hashes AS bytea[])) "
             "ON CONFLICT DO NOTHING RETURNING tenant, event_id"
         ),
         {
             "tenants": [key[0] for key in unique],
             "event_ids": [key[1] for key in unique],
             "occurred": [from_epoch_seconds(item.event.occurred_s) for item in unique.values()],
+            "hashes": [item.payload_hash for item in unique.values()],
         },
     )
     claimed = {(row.tenant, row.event_id) for row in rows}
-    return [item for key, item in unique.items() if key in claimed]
+    seen_before = [key for key in unique if key not in claimed]
+    if seen_before:
+        # A separate statement: it sees rows committed by other consumers since the INSERT began.
+        stored = await conn.execute(
+            text(
+                "SELECT p.tenant, p.event_id, p.payload_hash FROM processed_events p "
+                "JOIN unnest(CAST(:tenants AS text[]), CAST(:event_ids AS text[])) AS k(tenant, event_id) "
+                "ON p.tenant = k.tenant AND p.event_id = k.event_id"
+            ),
+            {"tenants": [key[0] for key in seen_before], "event_ids": [key[1] for key in seen_before]},
+        )
+        for row in stored:
+            if _differ(row.payload_hash, unique[(row.tenant, row.event_id)].payload_hash):
+                conflicting += 1
+    return [item for key, item in unique.items() if key in claimed], conflicting
+
+
+def _differ(kept: bytes | None, other: bytes | None) -> bool:
+    # Rows scored before payload hashes existed have none: no evidence of a conflict.
+    return kept is not None and other is not None and bytes(kept) != bytes(other)
 
 
 _BUCKET_SUMS = (
@@ -321,6 +354,7 @@ async def _merge_customers(
         for name in _CUSTOMER_COLUMNS:
             columns[name].append(values[name])
         outcome.customers[(tenant, customer_id)] = state
+        outcome.quadrants[(tenant, customer_id)] = current
         previous = previous_quadrants.get(customer_id)
         if previous != current:
             outcome.quadrant_changes.append(

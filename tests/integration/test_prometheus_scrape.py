@@ -5,37 +5,56 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import tempfile
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
-from services.api.app import create_app as create_api
 from services.core.embedded import free_port, wait_for_port
-from services.ingest.app import create_app as create_ingest
-from services.scoring.app import create_app as create_scoring
 from tests.deploy.deploy_support import GRAFANA_DIR, RULES, find_tool, metric_names, substitute_grafana_variables
 
 pytestmark = pytest.mark.integration
 
 
-@asynccontextmanager
-async def serving(app, port: int):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+def start_service(name: str, settings, ports: dict, stack) -> str:
+    """One service as its own process, as production runs it (its own metrics registry)."""
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("CEM_")},
+        "CEM_DATABASE_URL": settings.database_url,
+        "CEM_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "CEM_TENANT": settings.tenant,
+        "CEM_TOUCHPOINTS_TOPIC": settings.touchpoints_topic,
+        "CEM_DLQ_TOPIC": settings.dlq_topic,
+        "CEM_ALERTS_TOPIC": settings.alerts_topic,
+        "CEM_SCORING_GROUP_ID": settings.scoring_group_id,
+        "CEM_PRODUCER_IDEMPOTENCE": "false",
+        "CEM_SCORING_REBALANCE_TIMEOUT_MS": "1000",
+        "CEM_METRICS_REFRESH_S": "1",
+        "CEM_TOPIC_PARTITIONS": "4",
+        f"CEM_{name.upper()}_PORT": str(ports[name]),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    stack.callback(process.wait, 30)
+    stack.callback(process.terminate)
+    wait_for_port(ports[name], 60, process)
+    return f"http://127.0.0.1:{ports[name]}"
+
+
+# Which process must export which metric (names as queried by the rules and dashboards).
+OWNERS = {"cem_ingest_": "cem-ingest", "cem_api_": "cem-api"}
+
+
+def owner_of(metric: str) -> str:
+    return next((job for prefix, job in OWNERS.items() if metric.startswith(prefix)), "cem-scoring")
 
 
 def queried_metric_names() -> set[str]:
@@ -54,10 +73,10 @@ async def test_prometheus_scrapes_every_series_the_rules_and_dashboards_use(sett
     if prometheus is None:
         pytest.fail("the prometheus binary is missing: apt-get install prometheus (Debian)")
     ports = {name: free_port() for name in ("ingest", "api", "scoring", "prometheus")}
-    async with AsyncExitStack() as stack:
-        ingest_url = await stack.enter_async_context(serving(create_ingest(settings), ports["ingest"]))
-        api_url = await stack.enter_async_context(serving(create_api(settings), ports["api"]))
-        await stack.enter_async_context(serving(create_scoring(settings), ports["scoring"]))
+    with ExitStack() as stack:
+        ingest_url = start_service("ingest", settings, ports, stack)
+        api_url = start_service("api", settings, ports, stack)
+        start_service("scoring", settings, ports, stack)
 
         workdir = Path(tempfile.mkdtemp(prefix="cem-prometheus-"))
         config = {
@@ -98,17 +117,19 @@ async def test_prometheus_scrapes_every_series_the_rules_and_dashboards_use(sett
             for path in ("/v1/customers/c1", "/v1/journeys/car-rental/stages?window=1h", "/v1/customers/nobody"):
                 await client.get(f"{api_url}{path}")
 
-            wanted = queried_metric_names()
+            wanted = {(name, owner_of(name)) for name in queried_metric_names() if name != "up"}
             base = f"http://127.0.0.1:{ports['prometheus']}/api/v1"
-            found: set[str] = set()
+            found: set[tuple[str, str]] = set()
             deadline = asyncio.get_running_loop().time() + 60
             while asyncio.get_running_loop().time() < deadline:
-                names = (await client.get(f"{base}/label/__name__/values")).json()["data"]
-                found = set(names)
+                result = (
+                    await client.get(f"{base}/query", params={"query": 'count by (__name__, job) ({__name__=~"cem_.+"})'})
+                ).json()["data"]["result"]
+                found = {(series["metric"]["__name__"], series["metric"]["job"]) for series in result}
                 if wanted <= found:
                     break
                 await asyncio.sleep(1.0)
-            assert wanted <= found, f"series never scraped: {sorted(wanted - found)}"
+            assert wanted <= found, f"series never scraped from their service: {sorted(wanted - found)}"
             targets = (await client.get(f"{base}/targets")).json()["data"]["activeTargets"]
             assert {target["labels"]["job"]: target["health"] for target in targets} == {
                 "cem-ingest": "up", "cem-api": "up", "cem-scoring": "up",

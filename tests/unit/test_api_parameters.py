@@ -70,17 +70,17 @@ keys = st.one_of(
 @given(key=keys, customer_id=st.text(min_size=1, max_size=128))
 def test_a_cursor_decodes_to_the_key_it_was_made_of(key, customer_id):
     order = parse_order("-last_event_at" if isinstance(key, datetime) else "revenue")
-    cursor = Cursor(order=order.text, key=key, customer_id=customer_id)
+    cursor = Cursor(order=order.text, key=key, id=customer_id)
     token = encode_cursor(cursor)
     assert token.isascii() and "=" not in token and "/" not in token and "+" not in token
     assert decode_cursor(token, order) == cursor
 
 
 def test_a_cursor_is_only_good_for_the_order_it_was_issued_for():
-    token = encode_cursor(Cursor(order="-revenue", key=1.5, customer_id="c"))
+    token = encode_cursor(Cursor(order="-revenue", key=1.5, id="c"))
     with pytest.raises(InvalidParameter, match="issued for order=-revenue"):
         decode_cursor(token, parse_order("experience_index"))
-    mismatched = encode_cursor(Cursor(order="-last_event_at", key=1.5, customer_id="c"))  # a number for a time
+    mismatched = encode_cursor(Cursor(order="-last_event_at", key=1.5, id="c"))  # a number for a time
     with pytest.raises(InvalidParameter, match="not one this API issued"):
         decode_cursor(mismatched, parse_order("-last_event_at"))
 

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Double,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
@@ -16,7 +17,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 metadata = MetaData()
 
@@ -33,6 +34,8 @@ processed_events = Table(
     Column("event_id", Text, nullable=False),
     _timestamp("occurred_at", nullable=False),
     _timestamp("scored_at", nullable=False, server_default=func.now()),
+    # blake2b-128 of the event's content: a retry matches it, a different event under the same id does not.
+    Column("payload_hash", LargeBinary, nullable=True),
     PrimaryKeyConstraint("tenant", "event_id"),
 )
 
@@ -113,4 +116,68 @@ customers = Table(
     Index("customers_revenue", "tenant", text("revenue_rank DESC"), "customer_id"),
     Index("customers_experience_index", "tenant", "experience_index", "customer_id"),
     Index("customers_last_event", "tenant", "last_event_at", "customer_id"),
+)
+
+
+# Alerts (SPEC 7). At most one alert per (tenant, kind, subject) is not resolved: the partial
+# unique index. Subjects: a customer id (customer_at_risk, customer_hot), 'journey/stage'
+# (stage_shortfall).
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("id", UUID(as_uuid=True), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("journey", Text, nullable=False),
+    Column("severity", Text, nullable=False),
+    Column("status", Text, nullable=False),  # open | acknowledged | resolved
+    _timestamp("opened_at", nullable=False),
+    _timestamp("updated_at", nullable=False),
+    _timestamp("acknowledged_at", nullable=True),
+    _timestamp("resolved_at", nullable=True),
+    Column("revenue_at_stake", Double, nullable=False),
+    Column("evidence", JSONB, nullable=False),
+    Column("acknowledged_by", Text, nullable=True),
+    Column("resolved_by", Text, nullable=True),  # NULL when resolved automatically
+    Column("note", Text, nullable=True),
+    PrimaryKeyConstraint("tenant", "id"),
+    Index(
+        "alerts_one_unresolved_per_subject",
+        "tenant",
+        "kind",
+        "subject",
+        unique=True,
+        postgresql_where=text("status <> 'resolved'"),
+    ),
+    Index("alerts_opened", "tenant", text("opened_at DESC"), "id"),
+    Index("alerts_revenue_at_stake", "tenant", text("revenue_at_stake DESC"), "id"),
+    Index("alerts_subject", "tenant", "subject"),
+)
+
+# The append-only log of alert status changes. `seq` is the Server-Sent Events id and the outbox
+# position; writers take one transaction-scoped advisory lock before inserting, so transitions
+# commit in seq order and a reader that saw seq n has seen every seq below it.
+alert_transitions = Table(
+    "alert_transitions",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=True),
+    Column("tenant", Text, nullable=False),
+    Column("alert_id", UUID(as_uuid=True), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("from_status", Text, nullable=True),  # NULL: the alert was opened
+    Column("to_status", Text, nullable=False),
+    _timestamp("at", nullable=False),
+    Column("payload", JSONB, nullable=False),  # the alert after the transition, and why
+    Index("alert_transitions_tenant_seq", "tenant", "seq"),
+)
+
+# How far each outbox relay (the Kafka topic, a webhook) has delivered alert_transitions.
+alert_outbox_positions = Table(
+    "alert_outbox_positions",
+    metadata,
+    Column("relay", Text, primary_key=True),
+    Column("last_seq", BigInteger, nullable=False),
+    _timestamp("updated_at", nullable=False, server_default=func.now()),
 )
