@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     alert_stream_poll_s: float = Field(0.25, gt=0)
     alert_stream_ping_s: float = Field(15.0, gt=0)
 
+    # How often scoring moves customers whose revenue decayed below their threshold (see sweep.py).
+    quadrant_sweep_interval_s: float = Field(60.0, gt=0)
+
     # How often scoring refreshes the domain gauges (stage gaps, quadrants) from the aggregates.
     metrics_refresh_s: float = Field(15.0, gt=0)
 

@@ -17,6 +17,7 @@ from services.core.settings import Settings
 from services.scoring.alerts import AlertEvaluator, keep_stage_alerts_fresh
 from services.scoring.consumer import Scorer
 from services.scoring.gauges import keep_gauges_fresh
+from services.scoring.sweep import keep_quadrants_fresh
 from services.scoring.relay import KafkaAlerts, WebhookAlerts, kafka_relay_name, run_relay, webhook_relay_name
 
 log = logging.getLogger("cem.scoring")
@@ -45,6 +46,10 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(
                 run_relay(engine, kafka_relay_name(settings), kafka_alerts, interval_s=settings.alert_relay_interval_s),
                 name="alert-relay-kafka",
+            ),
+            asyncio.create_task(
+                keep_quadrants_fresh(engine, scorer.context, scorer.after_batch, settings.quadrant_sweep_interval_s),
+                name="quadrant-sweep",
             ),
         ]
         if webhook is not None:

@@ -286,6 +286,28 @@ _UPSERT_CUSTOMERS = text(
 )
 
 
+CUSTOMER_STATE_COLUMNS = (
+    "customer_id, last_event_at, first_event_at, latest_journey, latest_event_id, index_gap_sum, "
+    "index_weight_sum, trend_gap_sum, trend_weight_sum, revenue_sum, events, quadrant"
+)
+
+
+def customer_state_from_row(row) -> CustomerState:
+    """A customers row (CUSTOMER_STATE_COLUMNS) as the pure state it stores."""
+    return CustomerState(
+        ref_s=row.last_event_at.timestamp(),
+        index_gap_sum=row.index_gap_sum,
+        index_weight_sum=row.index_weight_sum,
+        trend_gap_sum=row.trend_gap_sum,
+        trend_weight_sum=row.trend_weight_sum,
+        revenue_sum=row.revenue_sum,
+        events=row.events,
+        first_event_s=row.first_event_at.timestamp(),
+        latest_journey=row.latest_journey,
+        latest_event_id=row.latest_event_id,
+    )
+
+
 async def _merge_customers(
     conn: AsyncConnection,
     tenant: str,
@@ -297,8 +319,7 @@ async def _merge_customers(
     ids = sorted(deltas)
     rows = await conn.execute(
         text(
-            "SELECT customer_id, last_event_at, first_event_at, latest_journey, latest_event_id, "
-            "index_gap_sum, index_weight_sum, trend_gap_sum, trend_weight_sum, revenue_sum, events, quadrant "
+            f"SELECT {CUSTOMER_STATE_COLUMNS} "
             "FROM customers WHERE tenant = :tenant AND customer_id = ANY(CAST(:ids AS text[])) "
             "ORDER BY customer_id FOR UPDATE"
         ),
@@ -307,18 +328,7 @@ async def _merge_customers(
     merged = dict(deltas)
     previous_quadrants: dict[str, str] = {}
     for row in rows:
-        stored = CustomerState(
-            ref_s=row.last_event_at.timestamp(),
-            index_gap_sum=row.index_gap_sum,
-            index_weight_sum=row.index_weight_sum,
-            trend_gap_sum=row.trend_gap_sum,
-            trend_weight_sum=row.trend_weight_sum,
-            revenue_sum=row.revenue_sum,
-            events=row.events,
-            first_event_s=row.first_event_at.timestamp(),
-            latest_journey=row.latest_journey,
-            latest_event_id=row.latest_event_id,
-        )
+        stored = customer_state_from_row(row)
         merged[row.customer_id] = stored.merge(deltas[row.customer_id], context.half_lives)
         previous_quadrants[row.customer_id] = row.quadrant
 
