@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,13 +111,16 @@ def simulate(
     duration: Annotated[float | None, typer.Option(help="seconds to run; default: until Ctrl-C")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (default: a new one each run)")] = None,
     incident: Annotated[bool, typer.Option(help="inject a recurring incident at one stage")] = True,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="CEM_API_KEY", help="API key with events:write (or CEM_API_KEY)")
+    ] = None,
 ) -> None:
     """Post realistic touchpoint events of the shipped journeys to ingest."""
     _setup_logging()
-    asyncio.run(_simulate(Settings(), rate, journey, ingest_url, customers, duration, seed, incident))
+    asyncio.run(_simulate(Settings(), rate, journey, ingest_url, customers, duration, seed, incident, api_key))
 
 
-async def _simulate(settings, rate, journey_ids, ingest_url, customers, duration, seed, incident) -> None:
+async def _simulate(settings, rate, journey_ids, ingest_url, customers, duration, seed, incident, api_key=None) -> None:
     from services.core.journeys import load_journeys
     from services.simulator import JourneySimulator, default_incident, run_simulation
 
@@ -136,7 +140,8 @@ async def _simulate(settings, rate, journey_ids, ingest_url, customers, duration
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    stats = await run_simulation(ingest_url, simulator, rate=rate, duration_s=duration, stop=stop)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    stats = await run_simulation(ingest_url, simulator, rate=rate, duration_s=duration, stop=stop, headers=headers)
     typer.echo(f"simulation finished: {stats}")
 
 
@@ -160,6 +165,97 @@ def dlq_replay(
 
     _setup_logging()
     asyncio.run(replay_dead_letters(Settings(), limit=limit, dry_run=dry_run, group_id=group, echo=typer.echo))
+
+
+# ---------------------------------------------------------------------------------------------
+# cem keys: who may call the services (docs/security.md).
+
+keys_app = typer.Typer(help="API keys: each names a tenant and what it may do.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _with_engine(work):
+    """Run `work(engine)` against CEM_DATABASE_URL."""
+    from services.core.db.engine import create_engine
+
+    async def run():
+        engine = create_engine(Settings().database_url, pool_size=1)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+TENANT_PATTERN = r"[a-z0-9][a-z0-9-]{0,63}"  # as CEM_TENANT's
+
+
+def _pepper(settings: Settings) -> bytes:
+    return settings.api_key_pepper.get_secret_value().encode() if settings.api_key_pepper else b""
+
+
+@keys_app.command("create")
+def keys_create(
+    scopes: Annotated[str, typer.Option(help="comma-separated: events:write, scores:read, alerts:write, admin")],
+    name: Annotated[str, typer.Option(help="what the key is for, e.g. pos-seoul")],
+    tenant: Annotated[str | None, typer.Option(help="the tenant the key acts for (default: CEM_TENANT)")] = None,
+) -> None:
+    """Create a key and print it: it is shown this once, only its hash is stored."""
+    from services.core.auth import parse_scopes
+    from services.core.db.api_keys import create_key
+
+    settings = Settings()
+    tenant = tenant or settings.tenant
+    try:
+        chosen = parse_scopes(scopes)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--scopes") from None
+    if not re.fullmatch(TENANT_PATTERN, tenant):
+        raise typer.BadParameter(f"{tenant!r} is not a tenant id: {TENANT_PATTERN}", param_hint="--tenant")
+    if not name.strip():
+        raise typer.BadParameter("must not be empty", param_hint="--name")
+    row, key = _with_engine(lambda engine: create_key(engine, tenant, name.strip(), list(chosen), _pepper(settings)))
+    typer.echo(key)
+    typer.echo(f"id {row.id}  tenant {row.tenant}  name {row.name}  scopes {','.join(row.scopes)}", err=True)
+    typer.echo("Store the key now: it cannot be shown again.", err=True)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None) -> None:
+    """The keys (never their secrets): id, tenant, name, prefix, scopes, created, last used, revoked."""
+    from services.core.auth import display_key
+    from services.core.db.api_keys import list_keys
+
+    rows = _with_engine(lambda engine: list_keys(engine, tenant))
+    if not rows:
+        typer.echo("no keys" + (f" for tenant {tenant}" if tenant else ""))
+        return
+
+    def when(value) -> str:
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else "-"
+
+    header = ("id", "tenant", "name", "key", "scopes", "created", "last used", "revoked")
+    table = [header] + [
+        (str(row.id), row.tenant, row.name, display_key(row.prefix), ",".join(row.scopes), when(row.created_at),
+         when(row.last_used_at), when(row.revoked_at))  # fmt: skip
+        for row in rows
+    ]
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    for line in table:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(metavar="ID", help="the key's id (or its prefix)")]) -> None:
+    """Revoke a key: refused by every service within CEM_AUTH_CACHE_TTL_S (30 s)."""
+    from services.core.db.api_keys import revoke_key
+
+    row = _with_engine(lambda engine: revoke_key(engine, key_id))
+    if row is None:
+        typer.echo(f"no key with id or prefix {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {row.id} ({row.tenant}/{row.name}) at {row.revoked_at.isoformat()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +288,12 @@ def dev(  # noqa: C901 - one linear start-up sequence
     from services.core.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
     from services.core.kafka import ensure_topics
 
+    os.environ.setdefault("CEM_LOG_FORMAT", "text")  # a person reads this terminal
     _setup_logging()
     # `kill` or a supervisor's SIGTERM stops the stack in order, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     settings = Settings()
     env = dict(os.environ)
-    env.setdefault("CEM_LOG_FORMAT", "text")  # a person reads this terminal
     embedded: list = []
     children: list[subprocess.Popen] = []
     try:
@@ -222,6 +318,9 @@ def dev(  # noqa: C901 - one linear start-up sequence
         )
         run_migrations(child_settings.database_url)
         asyncio.run(ensure_topics(child_settings))
+        dev_key = None if settings.auth_disabled else asyncio.run(_dev_key(child_settings))
+        if dev_key is not None:
+            env["CEM_API_KEY"] = dev_key  # the simulator's
 
         cem = [sys.executable, "-m", "services.cli"]
         services = [
@@ -240,7 +339,8 @@ def dev(  # noqa: C901 - one linear start-up sequence
             f"  api      {base}:{settings.api_port}   GET /v1/customers, /v1/journeys, /v1/positioning-map   "
             "(docs: /docs)\n"
             f"  scoring  {base}:{settings.scoring_port}   /readyz, /metrics\n"
-            "Ctrl-C stops everything.\n"
+            + _dev_key_help(dev_key, settings, base)
+            + "Ctrl-C stops everything.\n"
         )
         if simulate:
             children.append(
@@ -269,6 +369,34 @@ def dev(  # noqa: C901 - one linear start-up sequence
         typer.echo("stopped")
 
 
+DEV_KEY_NAME = "cem-dev"
+
+
+async def _dev_key(settings: Settings) -> str:
+    """A fresh admin key for CEM_TENANT; the one of the previous `cem dev` is revoked."""
+    from services.core.db.api_keys import create_key, revoke_named
+    from services.core.db.engine import create_engine
+
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        await revoke_named(engine, settings.tenant, DEV_KEY_NAME)
+        _, key = await create_key(engine, settings.tenant, DEV_KEY_NAME, ["admin"], _pepper(settings))
+        return key
+    finally:
+        await engine.dispose()
+
+
+def _dev_key_help(dev_key: str | None, settings: Settings, base: str) -> str:
+    if dev_key is None:
+        return f"  authentication is disabled (CEM_AUTH_DISABLED): every request acts for tenant {settings.tenant}\n"
+    return (
+        f"\nDevelopment API key (scope admin, tenant {settings.tenant}; replaced at the next start):\n"
+        f"  export CEM_KEY={dev_key}\n"
+        f"  curl -s -H \"Authorization: Bearer $CEM_KEY\" {base}:{settings.api_port}/v1/positioning-map\n"
+        f"  More keys: cem keys create --tenant {settings.tenant} --scopes events:write --name pos-1\n"
+    )
+
+
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -285,7 +413,13 @@ def _port_or_free(preferred: int, free_port) -> int:
 
 
 def main() -> None:
-    app()
+    from services.core.access import AuthConfigurationError
+
+    try:
+        app()
+    except AuthConfigurationError as error:  # a setting, not a bug: say what to change, no traceback
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def make_settings(postgres: EmbeddedPostgres, kafka: EmbeddedKafka, **overrides)
         scoring_rebalance_timeout_ms=1_000,
         metrics_refresh_s=1.0,
         scoring_session_timeout_ms=6_000,
+        # The tests of the pipeline act as the test's tenant without keys (loopback only); the
+        # access tests (tests/integration/test_access.py, test_tenancy.py) turn it back on.
+        auth_disabled=True,
     )
     values.update(overrides)
     return Settings(**values)

@@ -15,12 +15,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Header, Path, Query, Security
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from services.api.deps import EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
+from services.api.deps import (
+    AlertsWriterTenantDep, EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter,
+)  # fmt: skip
 from services.api.errors import (
     CONFLICT,
     INVALID,
@@ -51,12 +53,17 @@ from services.core.alerting import (
     transition_document,
     transition_payload,
 )
+from services.core.access import get_caller
 from services.core.db.alerts import NewTransition, record_transitions
+from services.core.http import AUTH_RESPONSES
 from services.core.db.schema import alert_transitions, alerts
 
 log = logging.getLogger("cem.api.alerts")
 
-router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
+# Reads need scores:read (TenantDep), acknowledge and resolve alerts:write (AlertsWriterTenantDep).
+router = APIRouter(
+    prefix="/v1/alerts", tags=["alerts"], dependencies=[Security(get_caller)], responses=AUTH_RESPONSES
+)  # the key first (401 before anything else); each route's scope then
 
 Kind = Literal["customer_at_risk", "customer_hot", "stage_shortfall"]
 Status = Literal["open", "acknowledged", "resolved"]
@@ -402,7 +409,7 @@ async def _command(
     responses={**NOT_FOUND, **CONFLICT, **INVALID, **UNAVAILABLE},
 )
 async def acknowledge_alert(
-    alert_id: AlertId, body: AlertCommand, engine: EngineDep, tenant: TenantDep, now: NowDep
+    alert_id: AlertId, body: AlertCommand, engine: EngineDep, tenant: AlertsWriterTenantDep, now: NowDep
 ) -> Alert:
     return await _command("acknowledge", alert_id, body, engine, tenant, now)
 
@@ -416,6 +423,6 @@ async def acknowledge_alert(
     responses={**NOT_FOUND, **CONFLICT, **INVALID, **UNAVAILABLE},
 )
 async def resolve_alert(
-    alert_id: AlertId, body: AlertCommand, engine: EngineDep, tenant: TenantDep, now: NowDep
+    alert_id: AlertId, body: AlertCommand, engine: EngineDep, tenant: AlertsWriterTenantDep, now: NowDep
 ) -> Alert:
     return await _command("resolve", alert_id, body, engine, tenant, now)

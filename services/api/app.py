@@ -14,6 +14,7 @@ from sqlalchemy import text
 from services.api import alerts, customers, journeys, positioning
 from services.api.deps import EngineDep
 from services.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
+from services.core.access import install_access
 from services.core.db.engine import create_engine
 from services.core.http import install_common
 from services.core.journeys import load_journeys
@@ -27,8 +28,13 @@ Live customer-experience figures: the expectation gap per journey stage and touc
 customer's experience index, revenue and positioning-map quadrant; alerts on at-risk customers,
 hot events and failing stages, as a list and as a live stream (Server-Sent Events).
 
+Every `/v1` request carries an API key, `Authorization: Bearer cem_<prefix>_<secret>`
+(`cem keys create`); its tenant scopes every answer. Reads need the scope `scores:read`,
+acknowledging and resolving alerts `alerts:write`; `admin` holds every scope.
+
 Errors are `{"detail": [{"field", "message", "allowed"?}]}`: 404 and 422 name the parameter;
-503 (with `Retry-After`) means the database is unreachable and the request may be retried.
+401, 403 and 429 (with `Retry-After`) name `authorization`; 503 (with `Retry-After`) means the
+database is unreachable and the request may be retried.
 """
 
 
@@ -43,15 +49,19 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = create_engine(settings.database_url)
+        if app.state.access.resolver is not None:
+            app.state.access.resolver.use_engine(app.state.engine)  # key lookups share the pool
         try:
             yield
         finally:
+            await app.state.access.close()
             await app.state.engine.dispose()
 
     app = FastAPI(title="CEM query API", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.journeys = journey_maps
-    install_common(app, API_REQUEST_DURATION)
+    install_access(app, settings)  # API keys; refuses CEM_AUTH_DISABLED off loopback
+    install_common(app, API_REQUEST_DURATION, settings)
     install_error_handlers(app)
     app.include_router(customers.router)
     app.include_router(journeys.router)

@@ -23,11 +23,16 @@ from services.api.parameters import (
     parse_quadrant,
 )
 from services.api.revenue import revenue_at
+from services.core.access import requires
+from services.core.auth import SCORES_READ
 from services.core.db.schema import customer_stages, customers
+from services.core.http import AUTH_RESPONSES
 from services.core.journeys import Journey
 from services.core.scoring import QUADRANTS, CustomerStageState, epoch_seconds
 
-router = APIRouter(prefix="/v1/customers", tags=["customers"])
+router = APIRouter(
+    prefix="/v1/customers", tags=["customers"], dependencies=[requires(SCORES_READ)], responses=AUTH_RESPONSES
+)
 
 Quadrant = Literal["exemplary", "growth", "at_risk", "disengaged"]
 assert set(Quadrant.__args__) == set(QUADRANTS)

@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.errors import InvalidParameter, NotFound
+from services.core.access import AlertsWriterTenant, ScoresReaderTenant
 from services.core.journeys import Journey, Stage
 from services.core.settings import Settings
 
@@ -42,12 +43,10 @@ def get_now() -> datetime:
 NowDep = Annotated[datetime, Depends(get_now)]
 
 
-def get_tenant(settings: SettingsDep) -> str:
-    """The tenant every read is scoped to. The one place it is resolved (API keys will map to it)."""
-    return settings.tenant
-
-
-TenantDep = Annotated[str, Depends(get_tenant)]
+# The tenant every read is scoped to: the API key's (scope scores:read); changes to alerts need
+# alerts:write. Resolved once, in services/core/access.py, for every service.
+TenantDep = ScoresReaderTenant
+AlertsWriterTenantDep = AlertsWriterTenant
 
 
 def get_journey(journey: str, journeys: JourneysDep) -> Journey:

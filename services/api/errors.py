@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from services.core.http import error_body, field_error
+from services.core.http import ErrorBody, error_body, field_error
 
 DATABASE_RETRY_AFTER_S = 2
-
-
-class FieldError(BaseModel):
-    field: str
-    message: str
-    allowed: list[str] | str | None = None
-
-
-class ErrorBody(BaseModel):
-    """FastAPI's 4xx shape; every item names the field (path or query parameter) that was wrong."""
-
-    detail: list[FieldError]
 
 
 class ApiError(Exception):

@@ -15,10 +15,13 @@ from services.api.deps import EngineDep, JourneysDep, NowDep, SettingsDep, Tenan
 from services.api.errors import INVALID, UNAVAILABLE
 from services.api.revenue import revenue_at_sql
 from services.api.svg import Bubble, render_positioning_map
+from services.core.access import requires
+from services.core.auth import SCORES_READ
 from services.core.db.schema import customers
+from services.core.http import AUTH_RESPONSES
 from services.core.scoring import QUADRANTS
 
-router = APIRouter(tags=["positioning map"])
+router = APIRouter(tags=["positioning map"], dependencies=[requires(SCORES_READ)], responses=AUTH_RESPONSES)
 
 
 class Thresholds(BaseModel):

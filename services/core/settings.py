@@ -95,6 +95,28 @@ class Settings(BaseSettings):
     # Query API.
     page_limit_max: int = Field(500, ge=1)
 
+    # Access (docs/security.md). Every /v1 request carries `Authorization: Bearer <API key>`; the key
+    # names the tenant and the scopes. Without auth (tenant = CEM_TENANT) only when explicitly
+    # disabled and bound to loopback: the services refuse to start otherwise.
+    auth_disabled: bool = False
+    # HMAC-SHA256 key the API key hashes are computed with. Changing it invalidates every key.
+    api_key_pepper: SecretStr | None = None
+    # A resolved key is trusted this long: revocation takes effect within it.
+    auth_cache_ttl_s: float = Field(30.0, gt=0)
+    # While the database is unreachable, keys verified less than this long ago stay valid, so
+    # ingest keeps accepting events through a database outage.
+    auth_cache_stale_s: float = Field(300.0, ge=0)
+    # Per-key token bucket: sustained requests per second (0: no limit) and burst.
+    rate_limit_per_s: float = Field(100.0, ge=0)
+    rate_limit_burst: int = Field(200, ge=1)
+    # Request limits: URL path (414 beyond), all headers together (431 beyond), time until the
+    # response starts (503 beyond; a stream's body is not cut).
+    max_path_bytes: int = Field(2048, ge=64)
+    max_header_bytes: int = Field(16_384, ge=1024)
+    request_timeout_s: float = Field(30.0, gt=0)
+    # Browser origins allowed to call the APIs (comma-separated); empty: CORS closed.
+    cors_origins: str = ""
+
     @cached_property
     def customer_half_life_s(self) -> float:
         return self.customer_half_life_days * DAY_S
@@ -110,3 +132,7 @@ class Settings(BaseSettings):
     @cached_property
     def max_event_age_s(self) -> float:
         return self.max_event_age_days * DAY_S
+
+    @cached_property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

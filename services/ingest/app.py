@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
+from services.core.access import install_access
 from services.core.http import install_common
 from services.core.journeys import load_journeys
 from services.core.metrics import INGEST_REQUEST_DURATION
@@ -33,10 +34,13 @@ def create_app(settings: Settings) -> FastAPI:
             with suppress(asyncio.CancelledError):
                 await connecting
             await producer.close()
+            await app.state.access.close()
 
     app = FastAPI(title="CEM ingest", version="1", summary="Touchpoint events in (SPEC 4)", lifespan=lifespan)
     app.state.settings = settings
     app.state.journeys = journeys
-    install_common(app, INGEST_REQUEST_DURATION)
+    # API keys (their lookups use Postgres); refuses CEM_AUTH_DISABLED off loopback.
+    install_access(app, settings)
+    install_common(app, INGEST_REQUEST_DURATION, settings)
     app.include_router(router)
     return app

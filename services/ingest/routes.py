@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
+from services.core.access import EventsWriterTenant
 from services.core.events import (
     FIELDS, EventInvalid, FieldError, TouchpointRecord, ValidationContext, utc_now, validate_event,
 )  # fmt: skip
@@ -14,6 +15,7 @@ from services.core.http import field_error
 from services.core.journeys import Journey
 from services.core.metrics import INGEST_EVENTS
 from services.core.settings import Settings
+from services.ingest.openapi import BATCH_ROUTE, EVENT_ROUTE
 from services.ingest.producer import BrokerUnavailable, Overloaded, TouchpointProducer
 
 MAX_EVENT_BYTES = 64 * 1024  # a valid event is a few KiB at most (attributes <= 2 KiB): more is a mistake
@@ -42,12 +44,8 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def get_tenant(settings: SettingsDep) -> str:
-    """The tenant a request writes for. One per deployment for now; API keys will resolve it here."""
-    return settings.tenant
-
-
-TenantDep = Annotated[str, Depends(get_tenant)]
+# The tenant a request writes for: the one of its API key (scope events:write), never the body's.
+TenantDep = EventsWriterTenant
 
 
 async def get_journeys(request: Request) -> dict[str, Journey]:
@@ -76,7 +74,7 @@ async def get_validation_context(
 ContextDep = Annotated[ValidationContext, Depends(get_validation_context)]
 
 
-@router.post("/v1/events", status_code=202)
+@router.post("/v1/events", status_code=202, **EVENT_ROUTE)
 async def post_event(request: Request, context: ContextDep, producer: ProducerDep) -> Response:
     _shed_if_saturated(producer)
     _require_media_type(request, {JSON})
@@ -91,7 +89,7 @@ async def post_event(request: Request, context: ContextDep, producer: ProducerDe
     return _json({"event_id": record.event_id, "status": "accepted"}, status_code=202)
 
 
-@router.post("/v1/events:batch", status_code=202)
+@router.post("/v1/events:batch", status_code=202, **BATCH_ROUTE)
 async def post_batch(
     request: Request, context: ContextDep, producer: ProducerDep, settings: SettingsDep
 ) -> Response:
@@ -130,12 +128,12 @@ async def post_batch(
     return _json(outcome, status_code=202 if records else 422)
 
 
-@router.get("/healthz")
+@router.get("/healthz", summary="The process is up")
 async def healthz() -> Response:
     return _json({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", summary="The broker answers and the topic exists")
 async def readyz(producer: ProducerDep) -> Response:
     reason = await producer.not_ready_reason()
     if reason is not None:

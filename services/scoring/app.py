@@ -85,7 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
             await engine.dispose()
 
     app = FastAPI(title="CEM scoring", lifespan=lifespan, default_response_class=JSONResponse)
-    install_common(app)
+    install_common(app, settings=settings)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -367,7 +367,9 @@ class Scorer:
                 # If partitions were revoked meanwhile, drop their records: the new owner resumes
                 # from the stored offsets.
                 assignment = self.consumer.assignment()
-                pending = [kept for kept in ({tp: r for tp, r in p.items() if tp in assignment} for p in pending) if kept]
+                pending = [
+                    kept for kept in ({tp: r for tp, r in part.items() if tp in assignment} for part in pending) if kept
+                ]
             return True
         finally:
             self._dead_lettered.clear()

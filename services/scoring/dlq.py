@@ -35,7 +35,7 @@ def describe(record: ConsumerRecord) -> str:
         event_id = orjson.loads(record.value or b"null").get("event_id")
     except (orjson.JSONDecodeError, AttributeError):
         event_id = None
-    source = f"{headers.get('source_topic', '?')}[{headers.get('source_partition', '?')}]@{headers.get('source_offset', '?')}"
+    source = "{}[{}]@{}".format(*(headers.get(name, "?") for name in DLQ_HEADERS[1:]))
     return (
         f"{record.topic}[{record.partition}]@{record.offset} event_id={event_id} from {source}: "
         f"{headers.get('error', '(no error header)')}"

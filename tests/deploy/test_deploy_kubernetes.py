@@ -127,8 +127,8 @@ def test_deployment_reads_config_journeys_and_only_needed_secrets(name):
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     assert mounts["journeys"] == config["CEM_JOURNEYS_DIR"]
     secret_env = [env for env in container.get("env", []) if "valueFrom" in env]
-    # Ingest writes to Kafka only: it gets no database password.
-    assert [env["name"] for env in secret_env] == ([] if name == "ingest" else ["CEM_DATABASE_URL"])
+    # Every service reads Postgres: scoring and the API their data, ingest the API keys.
+    assert [env["name"] for env in secret_env] == ["CEM_DATABASE_URL"]
     template = load_yaml_documents(KUBERNETES_DIR / "secret.example.yaml")[0]
     for env in secret_env:
         reference = env["valueFrom"]["secretKeyRef"]

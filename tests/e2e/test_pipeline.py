@@ -177,6 +177,14 @@ def test_cem_dev_starts_the_stack_and_scores_a_posted_event(tmp_path):
             raise AssertionError("cem dev exited:\n" + "".join(output))
         # Keep draining the pipe, or the services block once it is full.
         threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
+        # The key `cem dev` prints with the URLs (admin, for CEM_TENANT), as a user copies it.
+        deadline = datetime.now() + timedelta(seconds=10)
+        while not any("export CEM_KEY=" in line for line in output) and datetime.now() < deadline:
+            time.sleep(0.1)
+        (key,) = [line.split("CEM_KEY=", 1)[1].strip() for line in output if "export CEM_KEY=" in line]
+        auth = {"Authorization": f"Bearer {key}"}
+        unauthenticated = httpx.get(f"http://127.0.0.1:{ports['api']}/v1/customers/smoke", timeout=5)
+        assert unauthenticated.status_code == 401, unauthenticated.text
         event = {
             "event_id": "dev-smoke-1",
             "occurred_at": datetime.now(timezone.utc).isoformat(),
@@ -186,11 +194,11 @@ def test_cem_dev_starts_the_stack_and_scores_a_posted_event(tmp_path):
             "experience": 3,
             "revenue": 5000,
         }
-        response = httpx.post(f"http://127.0.0.1:{ports['ingest']}/v1/events", json=event, timeout=10)
+        response = httpx.post(f"http://127.0.0.1:{ports['ingest']}/v1/events", json=event, headers=auth, timeout=10)
         assert response.status_code == 202, response.text
         deadline = datetime.now() + timedelta(seconds=60)
         while datetime.now() < deadline:
-            customer = httpx.get(f"http://127.0.0.1:{ports['api']}/v1/customers/smoke", timeout=5)
+            customer = httpx.get(f"http://127.0.0.1:{ports['api']}/v1/customers/smoke", headers=auth, timeout=5)
             if customer.status_code == 200:
                 break
             time.sleep(0.3)

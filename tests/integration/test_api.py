@@ -171,7 +171,9 @@ async def write_aggregates(settings: Settings, events: list[ScoredEvent]) -> Dat
 
 
 def api_settings(postgres, **overrides) -> Settings:
-    values = {"tenant": f"t-{uuid.uuid4().hex[:10]}", "database_url": postgres.url(), **overrides}
+    # auth_disabled: the reads act as the test's tenant without keys (keys: test_access.py).
+    values = {"tenant": f"t-{uuid.uuid4().hex[:10]}", "database_url": postgres.url(), "auth_disabled": True}
+    values.update(overrides)
     return Settings(**values)
 
 

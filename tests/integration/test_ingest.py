@@ -40,6 +40,7 @@ def ingest_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
         producer_idempotence=False,  # the embedded broker has no InitProducerId
         topic_partitions=4,
         producer_timeout_s=2.0,
+        auth_disabled=True,  # the tenant is CEM_TENANT's; keys are tested in test_access.py
     )
     values.update(overrides)
     return Settings(**values)

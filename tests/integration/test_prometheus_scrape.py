@@ -30,6 +30,7 @@ def start_service(name: str, settings, ports: dict, stack) -> str:
         "CEM_DATABASE_URL": settings.database_url,
         "CEM_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
         "CEM_TENANT": settings.tenant,
+        "CEM_AUTH_DISABLED": "true",  # loopback; the test posts as CEM_TENANT without a key
         "CEM_TOUCHPOINTS_TOPIC": settings.touchpoints_topic,
         "CEM_DLQ_TOPIC": settings.dlq_topic,
         "CEM_ALERTS_TOPIC": settings.alerts_topic,

@@ -181,3 +181,21 @@ alert_outbox_positions = Table(
     Column("last_seq", BigInteger, nullable=False),
     _timestamp("updated_at", nullable=False, server_default=func.now()),
 )
+
+# API keys (docs/security.md): the tenant and the scopes a caller has. `hash` is
+# HMAC-SHA256(pepper, key); the key itself is shown once, at creation, and stored nowhere.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("prefix", Text, nullable=False),  # the public handle: cem_<prefix>_...
+    Column("hash", LargeBinary, nullable=False),
+    Column("scopes", ARRAY(Text), nullable=False),
+    _timestamp("created_at", nullable=False, server_default=func.now()),
+    _timestamp("revoked_at", nullable=True),
+    _timestamp("last_used_at", nullable=True),  # as of the last cache miss: within auth_cache_ttl_s
+    Index("api_keys_prefix", "prefix", unique=True),
+    Index("api_keys_tenant", "tenant", "created_at"),
+)
