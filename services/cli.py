@@ -24,19 +24,9 @@ log = logging.getLogger("cem")
 
 def _setup_logging() -> None:
     """One line per record on stderr: JSON by default (CEM_LOG_FORMAT=text for people)."""
-    settings = Settings()
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        from pythonjsonlogger.json import JsonFormatter
+    from services.core.logs import setup_logging
 
-        handler.setFormatter(
-            JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"levelname": "level"})
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(Settings())
 
 
 def _serve(app_factory, host: str, port: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -17,7 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.core.logs import REQUEST_ID, request_id_from
 from services.core.settings import Settings
+
+access_log = logging.getLogger("cem.access")
 
 # The interactive docs load Swagger UI / ReDoc from a CDN: no Content-Security-Policy there.
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -99,13 +103,16 @@ class RequestGuard:
             return
 
         started = False
+        request_id = request_id_from(dict(scope.get("headers", ())).get(b"x-request-id"))
+        REQUEST_ID.set(request_id)  # every log line of this request carries it
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 deadline.reschedule(None)  # the response is under way: its body may take its time
-                message["headers"] = _with_security_headers(list(message.get("headers", ())), path)
+                headers = _with_security_headers(list(message.get("headers", ())), path)
+                message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
@@ -173,9 +180,14 @@ def install_common(app: FastAPI, request_duration: Histogram | None = None, sett
                 status = response.status_code
                 return response
             finally:
-                request_duration.labels(request.method, _route_template(request), str(status)).observe(
-                    time.perf_counter() - started
-                )
+                route, elapsed_s = _route_template(request), time.perf_counter() - started
+                request_duration.labels(request.method, route, str(status)).observe(elapsed_s)
+                # The route template, never the raw path: paths carry customer ids.
+                access_log.info(
+                    "%s %s %d %.1f ms", request.method, route, status, elapsed_s * 1000,
+                    extra={"method": request.method, "route": route, "status": status,
+                           "duration_ms": round(elapsed_s * 1000, 2)},
+                )  # fmt: skip
 
     if settings.cors_origin_list:
         app.add_middleware(
