@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: dev test test-unit bench clean
+.PHONY: dev test test-unit bench bench-smoke clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(BIN)/.installed
 
 test-unit: $(BIN)/.installed
 	$(BIN)/python -m pytest tests/unit
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench
+
+bench-smoke: $(BIN)/.installed
+	$(BIN)/python -m bench --smoke
 
 clean:
 	rm -rf $(VENV) .cem .pytest_cache .hypothesis
