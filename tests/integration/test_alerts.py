@@ -35,11 +35,12 @@ from services.core.db.engine import create_engine
 from services.core.embedded import free_port
 from services.core.events import TouchpointRecord
 from services.core.journeys import load_journeys
-from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer, ensure_topics, touchpoint_key
+from services.core.kafka import ensure_topics
 from services.core.settings import DEFAULT_JOURNEYS_DIR
 from services.scoring.alerts import reevaluate_stage_alerts
 from services.scoring.app import create_app as create_scoring
 from services.scoring.gauges import refresh_gauges
+from tests.integration.test_scoring import produce
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
@@ -211,21 +212,7 @@ async def score(stack: Stack, records: list[TouchpointRecord], timeout_s: float 
         before = await conn.scalar(
             text("SELECT count(*) FROM processed_events WHERE tenant = :t"), {"t": settings.tenant}
         )
-    producer = create_producer(settings)
-    await producer.start()
-    try:
-        futures = [
-            await producer.send(
-                settings.touchpoints_topic,
-                key=touchpoint_key(record.tenant, record.customer_id),
-                value=record.to_json(),
-                headers=[TOUCHPOINT_SCHEMA_HEADER],
-            )
-            for record in records
-        ]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+    await produce(settings, records)
     await wait_until(lambda: processed(stack, before + len(records)), timeout_s)
 
 
