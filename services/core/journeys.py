@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache, cached_property
 from pathlib import Path
 
 import yaml
@@ -54,13 +55,10 @@ class Journey:
     def stage_ids(self) -> list[str]:
         return [stage.id for stage in self.stages]
 
-    @property
+    @cached_property
     def _stages_by_id(self) -> dict[str, Stage]:
-        cache = self.__dict__.get("_stage_cache")
-        if cache is None:
-            cache = {stage.id: stage for stage in self.stages}
-            object.__setattr__(self, "_stage_cache", cache)
-        return cache
+        # cached_property writes the instance __dict__ directly, which a frozen dataclass allows.
+        return {stage.id: stage for stage in self.stages}
 
     def to_dict(self) -> dict:
         return {
@@ -90,6 +88,7 @@ class Journey:
         }
 
 
+@cache
 def _validator() -> Draft202012Validator:
     return Draft202012Validator(json.loads(JOURNEY_SCHEMA_PATH.read_text()))
 

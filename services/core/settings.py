@@ -50,7 +50,6 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(5, ge=0)
     producer_compression: str | None = Field(None, pattern=r"^(gzip|snappy|lz4|zstd)$")
     producer_timeout_s: float = Field(5.0, gt=0)
-    producer_max_inflight_requests: int = Field(2000, ge=1)
     # Events ingest holds at once while waiting for the broker's acknowledgement: past it, requests
     # are shed with 503 + Retry-After instead of queueing (bounded memory, fast answers).
     ingest_max_pending_events: int = Field(10_000, ge=1)

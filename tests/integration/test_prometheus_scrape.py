@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,28 +18,19 @@ import yaml
 
 from services.core.embedded import free_port, wait_for_port
 from tests.deploy.deploy_support import GRAFANA_DIR, RULES, find_tool, metric_names, substitute_grafana_variables
+from tests.faults.support import service_env
 
 pytestmark = pytest.mark.integration
 
 
 def start_service(name: str, settings, ports: dict, stack) -> str:
     """One service as its own process, as production runs it (its own metrics registry)."""
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("CEM_")},
-        "CEM_DATABASE_URL": settings.database_url,
-        "CEM_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "CEM_TENANT": settings.tenant,
-        "CEM_AUTH_DISABLED": "true",  # loopback; the test posts as CEM_TENANT without a key
-        "CEM_TOUCHPOINTS_TOPIC": settings.touchpoints_topic,
-        "CEM_DLQ_TOPIC": settings.dlq_topic,
-        "CEM_ALERTS_TOPIC": settings.alerts_topic,
-        "CEM_SCORING_GROUP_ID": settings.scoring_group_id,
-        "CEM_PRODUCER_IDEMPOTENCE": "false",
-        "CEM_SCORING_REBALANCE_TIMEOUT_MS": "1000",
-        "CEM_METRICS_REFRESH_S": "1",
-        "CEM_TOPIC_PARTITIONS": "4",
-        f"CEM_{name.upper()}_PORT": str(ports[name]),
-    }
+    env = service_env(
+        settings,
+        CEM_AUTH_DISABLED="true",  # loopback; the test posts as CEM_TENANT without a key
+        CEM_METRICS_REFRESH_S="1",
+        **{f"CEM_{name.upper()}_PORT": str(ports[name])},
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
