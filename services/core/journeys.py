@@ -142,3 +142,15 @@ def load_journeys(directory: Path) -> dict[str, Journey]:
     if not journeys:
         raise JourneyError(f"no journey maps (*.yaml) in {directory}")
     return journeys
+
+
+class JourneyCatalog:
+    """The journeys of each tenant. For now every tenant has the shipped maps; per-tenant,
+    versioned maps stored in Postgres are being added behind this same interface."""
+
+    def __init__(self, shipped: dict[str, Journey]):
+        self.shipped = shipped
+
+    def of(self, tenant: str) -> dict[str, Journey]:
+        """The tenant's journeys as last loaded (a sync read, safe inside a transaction)."""
+        return self.shipped

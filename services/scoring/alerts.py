@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.core import alerting
 from services.core.alerting import Finding, HotEvent, StageWindow
 from services.core.db.alerts import ALERT_COLUMNS, NewTransition, dumps, record_transitions
-from services.core.journeys import Journey
+from services.core.journeys import Journey, JourneyCatalog
 from services.core.scoring import from_epoch_seconds
 from services.scoring.store import BatchOutcome, ScoringContext
 
@@ -220,12 +220,12 @@ class AlertEvaluator:
             findings = self.customer_findings(tenant, outcome, now)
             keys, last_ids = self.touched_stages(tenant, outcome)
             windows = await load_stage_windows(conn, tenant, keys, window_start(now, self.window_minutes))
-            findings += stage_findings(self.context.journeys, keys, windows, self.window_minutes, last_ids)
+            findings += stage_findings(self.context.journeys.of(tenant), keys, windows, self.window_minutes, last_ids)
             transitions += await apply_findings(conn, tenant, findings, now)
         await record_transitions(conn, transitions)
 
     def customer_findings(self, tenant: str, outcome: BatchOutcome, now: datetime) -> list[Finding]:
-        journeys, now_s = self.context.journeys, now.timestamp()
+        journeys, now_s = self.context.journeys.of(tenant), now.timestamp()
         revenue_half_life_s = self.context.half_lives.revenue_s
         left_at_risk = {
             change.customer_id
@@ -291,7 +291,7 @@ class AlertEvaluator:
 
 async def reevaluate_stage_alerts(
     engine: AsyncEngine,
-    journeys: dict[str, Journey],
+    journeys: JourneyCatalog,
     window_minutes: int,
     now: datetime | None = None,
     tenant: str | None = None,
@@ -312,7 +312,7 @@ async def reevaluate_stage_alerts(
             by_tenant[row.tenant].append(alerting.parse_stage_subject(row.subject))
         for owner, keys in by_tenant.items():
             windows = await load_stage_windows(conn, owner, keys, window_start(now, window_minutes))
-            findings = stage_findings(journeys, keys, windows, window_minutes)
+            findings = stage_findings(journeys.of(owner), keys, windows, window_minutes)
             transitions += await apply_findings(conn, owner, findings, now)
         await record_transitions(conn, transitions)
     return transitions

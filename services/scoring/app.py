@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from services.core.db.engine import create_engine
 from services.core.http import install_common
-from services.core.journeys import load_journeys
+from services.core.journeys import JourneyCatalog, load_journeys
 from services.core.settings import Settings
 from services.scoring.alerts import AlertEvaluator, keep_stage_alerts_fresh
 from services.scoring.consumer import Scorer
@@ -24,7 +24,7 @@ log = logging.getLogger("cem.scoring")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    journeys = load_journeys(settings.journeys_dir)
+    journeys = JourneyCatalog(load_journeys(settings.journeys_dir))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

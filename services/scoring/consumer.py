@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import metrics
 from services.core.events import CUSTOMER_ID_PATTERN, EVENT_ID_PATTERN, TouchpointRecord
-from services.core.journeys import Journey
+from services.core.journeys import JourneyCatalog
 from services.core.kafka import create_consumer, create_producer
 from services.core.scoring import HalfLives, ScoredEvent
 from services.core.settings import Settings
@@ -182,7 +182,7 @@ class Scorer:
         self,
         settings: Settings,
         engine: AsyncEngine,
-        journeys: dict[str, Journey],
+        journeys: JourneyCatalog,
         after_batch: AfterBatch | None = None,
     ):
         self.settings = settings

@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.core.journeys import Journey
+from services.core.journeys import JourneyCatalog
 from services.core.scoring import (
     CustomerStageState,
     CustomerState,
@@ -71,7 +71,7 @@ class BatchOutcome:
 class ScoringContext:
     group_id: str
     half_lives: HalfLives
-    journeys: dict[str, Journey]
+    journeys: JourneyCatalog
 
 
 async def load_offsets(conn: AsyncConnection, group_id: str, topic: str, partitions: list[int]) -> dict[int, int | None]:
@@ -336,7 +336,7 @@ async def _merge_customers(
     columns: dict[str, list] = defaultdict(list)
     for customer_id in ids:
         state = merged[customer_id]
-        journey = context.journeys.get(state.latest_journey)
+        journey = context.journeys.of(tenant).get(state.latest_journey)
         revenue = state.revenue_at(now_s, context.half_lives.revenue_s)
         index = state.experience_index
         current = (

@@ -38,7 +38,7 @@ async def demote_decayed_customers(
     now_s = now.timestamp()
     outcome = BatchOutcome(now=now)
     async with engine.begin() as conn:
-        for journey in context.journeys.values():
+        for journey in context.journeys.shipped.values():
             if journey.revenue_threshold <= 0:
                 continue  # every revenue is high: nobody can fall below
             bound = math.log2(journey.revenue_threshold) + now_s / context.half_lives.revenue_s

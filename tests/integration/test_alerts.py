@@ -34,7 +34,7 @@ from services.api.app import create_app as create_api
 from services.core.db.engine import create_engine
 from services.core.embedded import free_port
 from services.core.events import TouchpointRecord
-from services.core.journeys import load_journeys
+from services.core.journeys import JourneyCatalog, load_journeys
 from services.core.kafka import ensure_topics
 from services.core.settings import DEFAULT_JOURNEYS_DIR
 from services.scoring.alerts import reevaluate_stage_alerts
@@ -352,7 +352,7 @@ async def test_a_stage_alert_resolves_when_traffic_stops(stack):
     t = stack.settings.tenant
     await score(stack, [touch(t, f"road-{n}", "on-road-assistance", 2.0, minutes_ago=20) for n in range(6)])
     (alert,) = await alerts_of(stack, subject="car-rental/on-road-assistance", status="open")
-    journeys, window = JOURNEYS, stack.settings.alert_stage_window_minutes
+    journeys, window = JourneyCatalog(JOURNEYS), stack.settings.alert_stage_window_minutes
     # Still failing now: the timer only refreshes the figures.
     assert await reevaluate_stage_alerts(stack.engine, journeys, window, tenant=t) == []
     # An hour later the window is empty: too few events to say the stage fails, so it resolves.

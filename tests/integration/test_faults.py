@@ -26,7 +26,7 @@ from sqlalchemy import text
 from services.core.db.engine import create_engine, migrate
 from services.core.embedded import EmbeddedKafka, EmbeddedPostgres
 from services.core.events import TouchpointRecord
-from services.core.journeys import load_journeys
+from services.core.journeys import JourneyCatalog, load_journeys
 from services.core.kafka import create_producer, ensure_topics
 from services.core.settings import REPO_ROOT
 from services.scoring.consumer import Scorer
@@ -257,7 +257,7 @@ class Member:
     def __init__(self, settings, name: str):
         self.name = name
         self.engine = create_engine(settings.database_url)
-        self.scorer = Scorer(settings, self.engine, load_journeys(settings.journeys_dir))
+        self.scorer = Scorer(settings, self.engine, JourneyCatalog(load_journeys(settings.journeys_dir)))
         self.task = asyncio.create_task(self.scorer.run(), name=f"scorer-{name}")
 
     async def leave(self) -> None:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from services.core.db.engine import create_engine
-from services.core.journeys import load_journeys
+from services.core.journeys import JourneyCatalog, load_journeys
 from services.core.scoring import HalfLives, ScoredEvent
 from services.scoring.alerts import AlertEvaluator
 from services.scoring.store import ScoringContext, TenantEvent, score_batch
@@ -32,7 +32,7 @@ async def test_decayed_revenue_moves_customers_down_and_resolves_their_at_risk_a
     context = ScoringContext(
         group_id=settings.scoring_group_id,
         half_lives=HalfLives(settings.customer_half_life_s, settings.trend_half_life_s, settings.revenue_half_life_s),
-        journeys=journeys,
+        journeys=JourneyCatalog(journeys),
     )
     evaluator = AlertEvaluator(context)
     now = datetime.now(timezone.utc)
