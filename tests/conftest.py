@@ -11,10 +11,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from services.core.db.engine import migrate
 from services.core.embedded import EmbeddedKafka, EmbeddedPostgres
 from services.core.settings import Settings
+
+# The 2-core machine is shared: a per-example deadline measures the neighbours, not the code.
+hypothesis_settings.register_profile("cem", deadline=None)
+hypothesis_settings.load_profile("cem")
 
 
 @pytest.fixture(scope="session")

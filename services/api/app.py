@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from services.api import alerts, customers, journeys, positioning
+from services.api import admin, alerts, customers, journeys, positioning
 from services.api.deps import EngineDep
 from services.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from services.core.access import install_access
 from services.core.db.engine import create_engine
 from services.core.http import install_common
-from services.core.journeys import load_journeys
+from services.core.db.journeys import JourneyLoader
 from services.core.metrics import API_REQUEST_DURATION
 from services.core.settings import Settings
 
@@ -44,22 +44,27 @@ class Health(BaseModel):
 
 
 def create_app(settings: Settings) -> FastAPI:
-    journey_maps = load_journeys(settings.journeys_dir)  # fail at start, not at the first request
+    loader = JourneyLoader.shipped(settings)  # a broken shipped map fails at start, not at the first request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = create_engine(settings.database_url)
         if app.state.access.resolver is not None:
             app.state.access.resolver.use_engine(app.state.engine)  # key lookups share the pool
+        await loader.load_at_start(app.state.engine)
+        refreshing = asyncio.create_task(loader.keep_fresh(app.state.engine), name="journey-maps")
         try:
             yield
         finally:
+            refreshing.cancel()
+            with suppress(asyncio.CancelledError):
+                await refreshing
             await app.state.access.close()
             await app.state.engine.dispose()
 
     app = FastAPI(title="CEM query API", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.journeys = journey_maps
+    app.state.journey_loader = loader
     install_access(app, settings)  # API keys; refuses CEM_AUTH_DISABLED off loopback
     install_common(app, API_REQUEST_DURATION, settings)
     install_error_handlers(app)
@@ -67,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(journeys.router)
     app.include_router(positioning.router)
     app.include_router(alerts.router)
+    app.include_router(admin.router)
 
     @app.get("/healthz", summary="The process is up", response_model=Health, tags=["health"])
     async def healthz() -> Health:

@@ -1,7 +1,9 @@
-"""Windows over the stage buckets: sum a window's minute buckets in SQL, grouped by a key.
+"""Windows over the stage buckets: sum a window's buckets in SQL, grouped by a key.
 
-The sums come back as `StageBucket`s; `services.core.scoring.stage_stats` turns them into the
-figures of SPEC 6, so the figures are defined in one place.
+A window reads the minute, hour and day roll-ups that tile it (services/core/bucket_windows.py),
+one statement over the three tables; the sums equal those of its minute buckets. They come back
+as `StageBucket`s; `services.core.scoring.stage_stats` turns them into the figures of SPEC 6, so
+the figures are defined in one place.
 """
 
 from __future__ import annotations
@@ -9,11 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ARRAY, BigInteger, ColumnElement, DateTime, Interval, bindparam, cast, func, select
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    ColumnCollection,
+    ColumnElement,
+    DateTime,
+    Interval,
+    bindparam,
+    cast,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.core.db.schema import stage_buckets
+from services.core.bucket_windows import series_ranges, window_ranges
+from services.core.db.stage_windows import window_rows
 from services.core.scoring import GAP_HISTOGRAM_BINS, StageBucket
 
 _COUNTS = ("events", "shortfall_events", "promise_kept_events", "negative_emotion_events")
@@ -21,10 +35,10 @@ _SUMS = (
     "expectation_sum", "expectation_sq_sum", "experience_sum", "experience_sq_sum",
     "gap_sum", "gap_sq_sum", "revenue_sum",
 )  # fmt: skip
+_VALUES = (*_COUNTS, *_SUMS, "gap_histogram")
 
 
-def _bucket_sums() -> list[ColumnElement]:
-    table = stage_buckets.c
+def _bucket_sums(table: ColumnCollection) -> list[ColumnElement]:
     # sum(bigint) is numeric in Postgres: cast the counts back to bigint.
     counts = [cast(func.sum(table[name]), BigInteger).label(name) for name in _COUNTS]
     sums = [func.sum(table[name]).label(name) for name in _SUMS]
@@ -61,40 +75,42 @@ class Window:
 async def sum_by_stage(
     connection: AsyncConnection, tenant: str, journey: str, stages: list[str], window: Window
 ) -> dict[str, StageBucket]:
-    table = stage_buckets.c
-    # Naming the stages lets the primary key (tenant, journey, stage, minute, ...) bound the minutes
-    # of each stage, instead of reading every minute of the journey.
-    query = (
-        select(table.stage, *_bucket_sums())
-        .where(table.tenant == tenant, table.journey == journey, table.stage.in_(stages), table.minute >= window.start)
-        .group_by(table.stage)
+    # Naming the stages lets the primary key (tenant, journey, stage, time, ...) bound the rows of
+    # each stage, instead of reading every row of the journey.
+    rows = window_rows(
+        window_ranges(window.start),
+        ("stage", *_VALUES),
+        lambda table: [table.tenant == tenant, table.journey == journey, table.stage.in_(stages)],
     )
+    query = select(rows.c.stage, *_bucket_sums(rows.c)).group_by(rows.c.stage)
     return {row.stage: _stage_bucket(row) for row in await connection.execute(query)}
 
 
 async def sum_by_touchpoint(
     connection: AsyncConnection, tenant: str, journey: str, stage: str, window: Window
 ) -> dict[tuple[str, str], StageBucket]:
-    table = stage_buckets.c
-    query = (
-        select(table.touchpoint, table.channel, *_bucket_sums())
-        .where(table.tenant == tenant, table.journey == journey, table.stage == stage, table.minute >= window.start)
-        .group_by(table.touchpoint, table.channel)
+    rows = window_rows(
+        window_ranges(window.start),
+        ("touchpoint", "channel", *_VALUES),
+        lambda table: [table.tenant == tenant, table.journey == journey, table.stage == stage],
     )
+    query = select(rows.c.touchpoint, rows.c.channel, *_bucket_sums(rows.c)).group_by(rows.c.touchpoint, rows.c.channel)
     return {(row.touchpoint, row.channel): _stage_bucket(row) for row in await connection.execute(query)}
 
 
 async def sum_by_step(
     connection: AsyncConnection, tenant: str, journey: str, stage: str, window: Window, step: timedelta
 ) -> dict[datetime, StageBucket]:
-    """Sums per step of the window; steps start at window.start (date_bin with that origin)."""
-    table = stage_buckets.c
+    """Sums per step of the window; steps start at window.start (date_bin with that origin).
+
+    The ranges tile each step on its own, so every row read lies inside one step."""
+    rows = window_rows(
+        series_ranges(window.start, step, window.end),
+        _VALUES,
+        lambda table: [table.tenant == tenant, table.journey == journey, table.stage == stage],
+    )
     step_bind = bindparam("step", step, type_=Interval)
     origin_bind = bindparam("origin", window.start, DateTime(timezone=True))
-    step_start = func.date_bin(step_bind, table.minute, origin_bind).label("step_start")
-    query = (
-        select(step_start, *_bucket_sums())
-        .where(table.tenant == tenant, table.journey == journey, table.stage == stage, table.minute >= window.start)
-        .group_by(step_start)
-    )
+    step_start = func.date_bin(step_bind, rows.c.at, origin_bind).label("step_start")
+    query = select(step_start, *_bucket_sums(rows.c)).group_by(step_start)
     return {row.step_start: _stage_bucket(row) for row in await connection.execute(query)}

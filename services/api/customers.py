@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
-from sqlalchemy import ColumnElement, and_, or_, select, tuple_
+from sqlalchemy import ColumnElement, and_, bindparam, or_, select, tuple_
 
-from services.api.alerts import Alert, open_customer_alerts
-from services.api.deps import EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
+from services.api.alerts import Alert
+from services.api.deps import (
+    EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, autocommit_connection, journey_filter,
+)  # fmt: skip
 from services.api.errors import INVALID, NOT_FOUND, UNAVAILABLE, NotFound
 from services.api.parameters import (
     ORDERS,
@@ -24,8 +27,9 @@ from services.api.parameters import (
 )
 from services.api.revenue import revenue_at
 from services.core.access import requires
+from services.core.alerting import CUSTOMER_KINDS, alert_document
 from services.core.auth import SCORES_READ
-from services.core.db.schema import customer_stages, customers
+from services.core.db.schema import alerts, customer_stages, customers
 from services.core.http import AUTH_RESPONSES
 from services.core.journeys import Journey
 from services.core.scoring import QUADRANTS, CustomerStageState, epoch_seconds
@@ -118,6 +122,54 @@ def _stage_position(journeys: dict[str, Journey], journey_id: str, stage_id: str
     return (journey_position, journey_id, stage_position, stage_id)
 
 
+# One statement, so the customer, their stages and their open alerts come from the same snapshot
+# in one round trip: a row per (stage, open alert), at most one open alert per kind (the partial
+# unique index), so a few rows. Built once: building and cache-keying a select per request was
+# ~8 % of the lookup's samples.
+_stage = customer_stages.c
+_ALERT_COLUMNS = [column.label(f"alert_{column.name}") for column in alerts.c]
+_CUSTOMER_QUERY = (
+    select(
+        *_SUMMARY_COLUMNS,
+        customers.c.first_event_at,
+        customers.c.updated_at,
+        _stage.journey.label("stage_journey"),
+        _stage.stage.label("stage_stage"),
+        _stage.gap_sum.label("stage_gap_sum"),
+        _stage.weight_sum.label("stage_weight_sum"),
+        _stage.events.label("stage_events"),
+        _stage.last_event_at.label("stage_last_event_at"),
+        *_ALERT_COLUMNS,
+    )
+    .select_from(
+        customers.outerjoin(
+            customer_stages, and_(_stage.tenant == customers.c.tenant, _stage.customer_id == customers.c.customer_id)
+        ).outerjoin(
+            alerts,
+            and_(
+                alerts.c.tenant == customers.c.tenant,
+                alerts.c.subject == customers.c.customer_id,
+                alerts.c.kind.in_(CUSTOMER_KINDS),
+                alerts.c.status != "resolved",
+            ),
+        )
+    )
+    .where(customers.c.tenant == bindparam("tenant"), customers.c.customer_id == bindparam("customer_id"))
+)
+
+
+def _open_alerts(rows) -> list[Alert]:
+    """The distinct alerts of the lookup's rows, oldest first (ties by id), as the alerts resource shows them."""
+    found = {}
+    for row in rows:
+        if row.alert_id is not None:
+            found[row.alert_id] = SimpleNamespace(
+                **{column.name: getattr(row, f"alert_{column.name}") for column in alerts.c}
+            )
+    ordered = sorted(found.values(), key=lambda alert: (alert.opened_at, alert.id))
+    return [Alert(**alert_document(alert)) for alert in ordered]
+
+
 @router.get(
     "/{customer_id:path}",
     summary="Get one customer",
@@ -134,32 +186,11 @@ async def get_customer(
     journeys: JourneysDep,
     now: NowDep,
 ) -> Customer:
-    # One statement, so the customer and their stages come from the same snapshot.
-    stage = customer_stages.c
-    query = (
-        select(
-            *_SUMMARY_COLUMNS,
-            customers.c.first_event_at,
-            customers.c.updated_at,
-            stage.journey.label("stage_journey"),
-            stage.stage.label("stage_stage"),
-            stage.gap_sum.label("stage_gap_sum"),
-            stage.weight_sum.label("stage_weight_sum"),
-            stage.events.label("stage_events"),
-            stage.last_event_at.label("stage_last_event_at"),
-        )
-        .select_from(
-            customers.outerjoin(
-                customer_stages, and_(stage.tenant == customers.c.tenant, stage.customer_id == customers.c.customer_id)
-            )
-        )
-        .where(customers.c.tenant == tenant, customers.c.customer_id == customer_id)
-    )
-    async with engine.connect() as connection:
-        rows = (await connection.execute(query)).all()
-        open_alerts = await open_customer_alerts(connection, tenant, customer_id) if rows else []
+    async with autocommit_connection(engine) as connection:
+        rows = (await connection.execute(_CUSTOMER_QUERY, {"tenant": tenant, "customer_id": customer_id})).all()
     if not rows:
         raise NotFound("customer_id", f"customer '{customer_id}' has never been seen")
+    stage_rows = {(row.stage_journey, row.stage_stage): row for row in rows if row.stage_journey is not None}
     stages = sorted(
         (
             CustomerStage(
@@ -169,8 +200,7 @@ async def get_customer(
                 events=row.stage_events,
                 last_event_at=row.stage_last_event_at,
             )
-            for row in rows
-            if row.stage_journey is not None
+            for row in stage_rows.values()
         ),
         key=lambda stage_row: _stage_position(journeys, stage_row.journey, stage_row.stage),
     )
@@ -180,7 +210,7 @@ async def get_customer(
         first_event_at=first.first_event_at,
         updated_at=first.updated_at,
         stages=stages,
-        open_alerts=open_alerts,
+        open_alerts=_open_alerts(rows),
     )
 
 

@@ -17,7 +17,7 @@ class ApiError(Exception):
     def __init__(self, status_code: int, field: str, message: str, allowed: list[str] | str | None = None):
         super().__init__(message)
         self.status_code = status_code
-        self.error = field_error(field, message, allowed)
+        self.errors = [field_error(field, message, allowed)]
 
 
 class NotFound(ApiError):
@@ -30,6 +30,26 @@ class InvalidParameter(ApiError):
         super().__init__(422, field, message, allowed)
 
 
+class InvalidBody(ApiError):
+    """A body that breaks several rules at once: one item per (field path, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]], allowed: str):
+        super().__init__(422, f"body.{problems[0][0]}", problems[0][1], allowed)
+        self.errors = [field_error(f"body.{path}", message, allowed) for path, message in problems]
+
+
+class PreconditionFailed(ApiError):
+    def __init__(self, field: str, message: str, allowed: list[str] | str | None = None):
+        super().__init__(412, field, message, allowed)
+
+
+class NotReady(ApiError):
+    """The database has not answered since the process started: tenant data cannot be known yet."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(503, field, message)
+
+
 class Conflict(ApiError):
     """The request is well-formed but the resource's state does not allow it; the message says why."""
 
@@ -39,6 +59,7 @@ class Conflict(ApiError):
 
 NOT_FOUND = {404: {"model": ErrorBody, "description": "Not found; `detail` names the parameter"}}
 INVALID = {422: {"model": ErrorBody, "description": "Invalid parameter; `detail` names it and says what is allowed"}}
+PRECONDITION_FAILED = {412: {"model": ErrorBody, "description": "`If-Match` names an older version; says the current one"}}
 CONFLICT = {409: {"model": ErrorBody, "description": "Not allowed in the resource's current state; says why"}}
 UNAVAILABLE = {503: {"model": ErrorBody, "description": "The database is unreachable; retry after `Retry-After` s"}}
 
@@ -50,7 +71,8 @@ TRANSIENT_DATABASE_ERRORS = (OperationalError, InterfaceError, OSError, TimeoutE
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error_body([error.error]), status_code=error.status_code)
+        headers = {"Retry-After": str(DATABASE_RETRY_AFTER_S)} if error.status_code == 503 else None
+        return JSONResponse(error_body(error.errors), status_code=error.status_code, headers=headers)
 
     async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
         message = f"database unavailable ({type(error).__name__}); retry later"

@@ -8,16 +8,18 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import Double, cast, select
 
 from services.api.customers import Quadrant
-from services.api.deps import EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, journey_filter
+from services.api.deps import (
+    EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, autocommit_connection, journey_filter,
+)  # fmt: skip
 from services.api.errors import INVALID, UNAVAILABLE
-from services.api.revenue import revenue_at_sql
+from services.api.revenue import band_revenue_at, future_overcount, index_sum
 from services.api.svg import Bubble, render_positioning_map
 from services.core.access import requires
 from services.core.auth import SCORES_READ
-from services.core.db.schema import customers
+from services.core.db.schema import customers, quadrant_totals
 from services.core.http import AUTH_RESPONSES
 from services.core.scoring import QUADRANTS
 
@@ -58,35 +60,52 @@ async def positioning_map(
     now: NowDep,
     journey: JourneyQuery = None,
 ) -> PositioningMap:
-    """A dependency, so that the JSON and the SVG endpoints share the query and its parameters."""
+    """A dependency, so that the JSON and the SVG endpoints share the query and its parameters.
+
+    The totals per quadrant are kept by triggers on customers (migration 0007): a few rows per
+    journey and quadrant, one per revenue band. A band values its customers' revenue decayed to
+    `now`; the customers whose last event is after `now` (clock skew, a pinned `now`) count at full
+    value instead, so their excess is taken back: an index range of the few such customers."""
     journey = journey_filter(journey, journeys)
-    revenue = revenue_at_sql(customers.c.revenue_sum, customers.c.last_event_at, now, settings.revenue_half_life_s)
-    scoped = select(customers.c.quadrant, customers.c.experience_index, revenue.label("revenue")).where(
-        customers.c.tenant == tenant
+    totals = quadrant_totals.c
+    bands = select(
+        totals.quadrant,
+        totals.band,
+        totals.customers,
+        cast(totals.index_units, Double).label("index_units"),
+        cast(totals.revenue_units, Double).label("revenue_units"),
+    ).where(totals.tenant == tenant)
+    ahead = select(customers.c.quadrant, customers.c.revenue_sum, customers.c.last_event_at).where(
+        customers.c.tenant == tenant, customers.c.last_event_at > now
     )
     if journey is not None:
-        scoped = scoped.where(customers.c.latest_journey == journey)
-    scoped = scoped.subquery()
-    query = select(
-        scoped.c.quadrant,
-        func.count().label("customers"),
-        func.sum(scoped.c.revenue).label("revenue"),
-        func.avg(scoped.c.experience_index).label("mean_experience_index"),
-    ).group_by(scoped.c.quadrant)
-    async with engine.connect() as connection:
-        found = {row.quadrant: row for row in await connection.execute(query)}
+        bands = bands.where(totals.latest_journey == journey)
+        ahead = ahead.where(customers.c.latest_journey == journey)
+    async with autocommit_connection(engine) as connection:
+        band_rows = (await connection.execute(bands)).all()
+        ahead_rows = (await connection.execute(ahead)).all()
+
+    half_life_s, now_s = settings.revenue_half_life_s, now.timestamp()
+    counts = dict.fromkeys(QUADRANTS, 0)
+    index_sums = dict.fromkeys(QUADRANTS, 0.0)
+    revenues = dict.fromkeys(QUADRANTS, 0.0)
+    for row in band_rows:
+        counts[row.quadrant] += row.customers
+        index_sums[row.quadrant] += index_sum(row.index_units)
+        revenues[row.quadrant] += band_revenue_at(row.revenue_units, row.band, now_s, half_life_s)
+    for row in ahead_rows:
+        revenues[row.quadrant] -= future_overcount(row.revenue_sum, row.last_event_at, now, half_life_s)
 
     quadrants = []
     for name in QUADRANTS:
-        row = found.get(name)
-        count = row.customers if row else 0
-        total = float(row.revenue) if row else 0.0
+        count = counts[name]
+        total = max(revenues[name], 0.0) if count else 0.0  # no negative zero-ish residue of the take-back
         quadrants.append(
             QuadrantFigures(
                 quadrant=name,
                 customers=count,
                 revenue=total,
-                mean_experience_index=float(row.mean_experience_index) if row else None,
+                mean_experience_index=index_sums[name] / count if count else None,
                 mean_revenue=total / count if count else None,
             )
         )

@@ -19,7 +19,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, Security
@@ -91,6 +92,15 @@ class AuthUnavailable(Exception):
 class _Cached:
     key: ApiKeyRow | None  # None: no such key
     verified_s: float
+    # What a request with this key resolves to, built once per verification, not per request.
+    caller: Caller | None = field(default=None, compare=False)
+    rate_key: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.key is not None:
+            row = self.key
+            self.caller = Caller(tenant=row.tenant, scopes=row.scopes, key_id=str(row.id), key_prefix=row.prefix)
+            self.rate_key = f"key:{row.id}"
 
 
 class KeyResolver:
@@ -110,7 +120,7 @@ class KeyResolver:
         self._clock = clock
         self._pepper = settings.api_key_pepper.get_secret_value().encode() if settings.api_key_pepper else b""
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Future[ApiKeyRow | None]] = {}
+        self._inflight: dict[bytes, asyncio.Future[_Cached]] = {}
 
     def use_engine(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -121,21 +131,34 @@ class KeyResolver:
             self._own_engine = True
         return self._engine
 
-    def is_fresh(self, key: PresentedKey) -> bool:
-        cached = self._cache.get(hash_key(key, self._pepper))
-        return cached is not None and self._clock() - cached.verified_s < self._settings.auth_cache_ttl_s
+    def digest(self, key: PresentedKey) -> bytes:
+        return hash_key(key, self._pepper)
 
-    async def resolve(self, key: PresentedKey) -> ApiKeyRow | None:
+    def fresh(self, digest: bytes) -> _Cached | None:
+        """The verification of the key with this digest, if it is recent enough to rely on."""
+        cached = self._cache.get(digest)
+        if cached is not None and self._clock() - cached.verified_s < self._settings.auth_cache_ttl_s:
+            return cached
+        return None
+
+    def is_fresh(self, key: PresentedKey) -> bool:
+        return self.fresh(self.digest(key)) is not None
+
+    async def resolve(self, key: PresentedKey, digest: bytes | None = None) -> ApiKeyRow | None:
         """The key's row (revoked or not), or None if no key matches. Raises AuthUnavailable."""
-        digest = hash_key(key, self._pepper)
+        return (await self.verify(key, digest)).key
+
+    async def verify(self, key: PresentedKey, digest: bytes | None = None) -> _Cached:
+        """`resolve`, with the caller the row stands for (`digest`: the key's, if already computed)."""
+        digest = digest if digest is not None else self.digest(key)
         now = self._clock()
         cached = self._cache.get(digest)
         if cached is not None and now - cached.verified_s < self._settings.auth_cache_ttl_s:
-            return cached.key
+            return cached
         pending = self._inflight.get(digest)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[ApiKeyRow | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Cached] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
             try:
@@ -145,16 +168,16 @@ class KeyResolver:
                 if cached is not None and cached.key is not None and now - cached.verified_s < stale_limit:
                     log.warning("API key lookup failed (%s); using the verification of %.0f s ago",
                                 type(error).__name__, now - cached.verified_s)  # fmt: skip
-                    future.set_result(cached.key)
-                    return cached.key
+                    future.set_result(cached)
+                    return cached
                 log.warning("API key lookup failed (%s): answering 503", type(error).__name__)
                 unavailable = AuthUnavailable(type(error).__name__)
                 future.set_exception(unavailable)
                 future.exception()  # retrieved: no "never retrieved" warning if no one else waits
                 raise unavailable from None
-            self._remember(digest, found)
-            future.set_result(found)
-            return found
+            verified = self._remember(digest, found)
+            future.set_result(verified)
+            return verified
         finally:
             self._inflight.pop(digest, None)
 
@@ -163,11 +186,12 @@ class KeyResolver:
             async with self._get_engine().begin() as connection:
                 return await find_key(connection, prefix, digest)
 
-    def _remember(self, digest: bytes, key: ApiKeyRow | None) -> None:
-        self._cache[digest] = _Cached(key, self._clock())
+    def _remember(self, digest: bytes, key: ApiKeyRow | None) -> _Cached:
+        verified = self._cache[digest] = _Cached(key, self._clock())
         self._cache.move_to_end(digest)
         while len(self._cache) > CACHE_MAX_KEYS:
             self._cache.popitem(last=False)
+        return verified
 
     async def close(self) -> None:
         if self._own_engine and self._engine is not None:
@@ -221,8 +245,10 @@ class Access:
             raise _unauthorized(str(invalid)) from None
 
         assert self.resolver is not None
-        address = f"address:{request.client.host if request.client else '?'}"
-        if not self.resolver.is_fresh(key):
+        digest = self.resolver.digest(key)  # one HMAC per request: the cache and the lookup share it
+        verified = self.resolver.fresh(digest)
+        if verified is None:
+            address = f"address:{request.client.host if request.client else '?'}"
             wait_s = self.failed_lookups.wait(address, self.clock())
             if wait_s > 0:
                 raise _too_many(
@@ -230,22 +256,15 @@ class Access:
                     f"{FAILED_LOOKUPS_PER_S:g} failed key lookups per second, bursts of {FAILED_LOOKUPS_BURST}",
                     wait_s,
                 )
-        try:
-            row = await self.resolver.resolve(key)
-        except AuthUnavailable:
-            raise HTTPException(
-                503,
-                detail=[field_error(AUTHORIZATION, "the API key cannot be verified now: the database is "
-                                    "unavailable; retry later")],  # fmt: skip
-                headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
-            ) from None
+            verified = await self._verify(key, digest)
+        row = verified.key
         if row is None:
-            self.failed_lookups.take(address, self.clock())
+            self.failed_lookups.take(f"address:{request.client.host if request.client else '?'}", self.clock())
             raise _unauthorized("unknown API key")
         if row.revoked_at is not None:
             raise _unauthorized(f"API key {display_key(row.prefix)} was revoked at {row.revoked_at.isoformat()}")
 
-        wait_s = self.limiter.take(f"key:{row.id}", self.clock())
+        wait_s = self.limiter.take(verified.rate_key, self.clock())
         if wait_s > 0:
             raise _too_many(
                 f"rate limit of API key {display_key(row.prefix)} exceeded; retry after the Retry-After delay",
@@ -253,11 +272,24 @@ class Access:
                 f"bursts of {self.settings.rate_limit_burst}",
                 wait_s,
             )
-        return Caller(tenant=row.tenant, scopes=row.scopes, key_id=str(row.id), key_prefix=row.prefix)
+        assert verified.caller is not None
+        return verified.caller
+
+    async def _verify(self, key: PresentedKey, digest: bytes) -> _Cached:
+        assert self.resolver is not None
+        try:
+            return await self.resolver.verify(key, digest)
+        except AuthUnavailable:
+            raise HTTPException(
+                503,
+                detail=[field_error(AUTHORIZATION, "the API key cannot be verified now: the database is "
+                                    "unavailable; retry later")],  # fmt: skip
+                headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+            ) from None
 
     @staticmethod
     def authorize(caller: Caller, required: list[str]) -> None:
-        missing = missing_scopes(caller.scopes, required)
+        missing = _missing_scopes(caller.scopes, tuple(required))
         if missing:
             granted = ", ".join(caller.scopes) or "none"
             raise HTTPException(
@@ -271,6 +303,11 @@ class Access:
                     "WWW-Authenticate": f'Bearer realm="cem", error="insufficient_scope", scope="{" ".join(missing)}"'
                 },
             )
+
+
+@lru_cache(maxsize=1024)  # a handful of (granted, required) pairs, asked on every request
+def _missing_scopes(granted: tuple[str, ...], required: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(missing_scopes(granted, required))
 
 
 def install_access(app: Any, settings: Settings) -> Access:
@@ -290,19 +327,26 @@ bearer_scheme = HTTPBearer(
 )
 
 
+async def authorized(request: Request, scopes: list[str]) -> Caller:
+    """The authenticated caller, holding `scopes`: `get_caller` as a plain call, for a hot route
+    that declares `Security(bearer_scheme, scopes=...)` (OpenAPI) and checks the key in its handler,
+    as each layer of FastAPI dependencies costs more than the check itself."""
+    access: Access = request.app.state.access
+    state = request.scope.setdefault("state", {})  # request.state's storage, without its wrapper
+    caller = state.get("caller")
+    if caller is None:  # once per request: one rate-limit token however many routes' dependencies ask
+        caller = state["caller"] = await access.authenticate(request)
+    access.authorize(caller, scopes)
+    return caller
+
+
 async def get_caller(
     security_scopes: SecurityScopes,
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Caller:
     """The authenticated caller, holding the scopes the route asks for."""
-    access: Access = request.app.state.access
-    caller = getattr(request.state, "caller", None)
-    if caller is None:  # once per request: one rate-limit token however many routes' dependencies ask
-        caller = await access.authenticate(request)
-        request.state.caller = caller
-    access.authorize(caller, security_scopes.scopes)
-    return caller
+    return await authorized(request, security_scopes.scopes)
 
 
 async def get_tenant(caller: Annotated[Caller, Security(get_caller)]) -> str:
@@ -318,3 +362,7 @@ def requires(scope: str) -> Any:
 EventsWriterTenant = Annotated[str, Security(get_tenant, scopes=[EVENTS_WRITE])]
 ScoresReaderTenant = Annotated[str, Security(get_tenant, scopes=[SCORES_READ])]
 AlertsWriterTenant = Annotated[str, Security(get_tenant, scopes=[ALERTS_WRITE])]
+# Changing a tenant's configuration (journey maps): the whole caller, who is recorded with the change.
+AdminCaller = Annotated[Caller, Security(get_caller, scopes=[ADMIN])]
+# Any authenticated caller, whatever its scopes: for lookups that the route's own scope guards.
+AnyCaller = Annotated[Caller, Security(get_caller)]

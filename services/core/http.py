@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -71,84 +72,137 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class RequestGuard:
-    """Every request's limits and every response's headers, as plain ASGI (streams pass through):
+    """Every request's limits, deadline, response headers, timing and access log, as one plain ASGI
+    layer (streams pass through). One layer, not two: each layer is a coroutine frame walked again
+    at every resume of the handler, with its own send wrapper; they were most of the CPU of a
+    single-event request.
 
     - a request target (path and query) longer than `max_path_bytes`: 414;
     - headers larger than `max_header_bytes` together: 431;
     - no response started within `timeout_s`: the handler is cancelled, 503 with Retry-After (a
       response already streaming, like the alert stream, is not cut);
-    - security headers on every response; `Cache-Control: no-store` unless the route set one.
+    - security headers and X-Request-ID on every response; `Cache-Control: no-store` unless the
+      route set one;
+    - with `request_duration`: the request-duration histogram and one access-log line per request
+      that got past the limits, by route template (never the raw path: paths carry customer ids).
     """
 
-    def __init__(self, app: ASGIApp, max_path_bytes: int, max_header_bytes: int, timeout_s: float):
+    def __init__(
+        self, app: ASGIApp, max_path_bytes: int, max_header_bytes: int, timeout_s: float,
+        request_duration: Histogram | None = None,
+    ) -> None:  # fmt: skip
         self.app = app
         self.max_path_bytes = max_path_bytes
         self.max_header_bytes = max_header_bytes
         self.timeout_s = timeout_s
+        self.request_duration = request_duration
+        # The histogram's child per (method, route, status): `labels()` checks and locks on each call.
+        # Bounded like the metric itself (known methods, route templates, statuses).
+        self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        headers = scope.get("headers", ())
+        header_bytes = 4 * len(headers)
+        given_id = None
+        for name, value in headers:  # one pass: the size and the caller's request id
+            header_bytes += len(name) + len(value)
+            if name == b"x-request-id":
+                given_id = value
+        request_id = request_id_from(given_id)
+        REQUEST_ID.set(request_id)  # every log line of this request carries it
+        id_header = (b"x-request-id", request_id.encode())
+
         target_bytes = len(scope.get("raw_path") or path.encode()) + len(scope.get("query_string", b""))
         if target_bytes > self.max_path_bytes:
-            await self._refuse(send, path, 414, "(path)", f"the request target is {target_bytes} bytes",
-                               f"at most {self.max_path_bytes} bytes of path and query")  # fmt: skip
+            await _refuse(send, path, id_header, 414, "(path)", f"the request target is {target_bytes} bytes",
+                          f"at most {self.max_path_bytes} bytes of path and query")  # fmt: skip
             return
-        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
         if header_bytes > self.max_header_bytes:
-            await self._refuse(send, path, 431, "(headers)", f"the request headers are {header_bytes} bytes",
-                               f"at most {self.max_header_bytes} bytes of headers")  # fmt: skip
+            await _refuse(send, path, id_header, 431, "(headers)", f"the request headers are {header_bytes} bytes",
+                          f"at most {self.max_header_bytes} bytes of headers")  # fmt: skip
             return
 
-        started = False
-        request_id = request_id_from(dict(scope.get("headers", ())).get(b"x-request-id"))
-        REQUEST_ID.set(request_id)  # every log line of this request carries it
+        started_s = time.perf_counter()
+        status = 0  # 0: no response started yet
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal started
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
                 deadline.reschedule(None)  # the response is under way: its body may take its time
-                headers = _with_security_headers(list(message.get("headers", ())), path)
-                message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
+                message["headers"] = _response_headers(message.get("headers", ()), path, id_header)
             await send(message)
 
         try:
             async with asyncio.timeout(self.timeout_s) as deadline:
                 await self.app(scope, receive, send_with_headers)
         except TimeoutError:
-            if started or not deadline.expired():
+            if status or not deadline.expired():
                 raise  # a TimeoutError of the handler's own, or too late to answer
-            await self._refuse(
-                send, path, 503, "(request)",
+            status = 503
+            await _refuse(
+                send, path, id_header, 503, "(request)",
                 f"no response within {self.timeout_s:g} s: the request was abandoned and may or may not have "
                 "taken effect; retry later (events are safe to post again with the same event ids)",
                 headers=[(b"retry-after", str(TIMEOUT_RETRY_AFTER_S).encode())],
             )  # fmt: skip
+        finally:
+            if self.request_duration is not None:
+                self._record(scope, status or 500, time.perf_counter() - started_s)
 
-    @staticmethod
-    async def _refuse(
-        send: Send, path: str, status: int, field: str, message: str, allowed: str | None = None,
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:  # fmt: skip
-        body = orjson.dumps(error_body([field_error(field, message, allowed)]))
-        response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]  # fmt: skip
-        await send({"type": "http.response.start", "status": status,
-                    "headers": _with_security_headers(response_headers, path)})  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+    def _record(self, scope: Scope, status: int, elapsed_s: float) -> None:
+        method, route = scope["method"], _route_template(scope)
+        observe = self._observers.get((method, route, status))
+        if observe is None:
+            assert self.request_duration is not None
+            observe = self._observers[method, route, status] = self.request_duration.labels(
+                method, route, str(status)
+            ).observe
+        observe(elapsed_s)
+        duration_ms = elapsed_s * 1000
+        access_log.info(
+            "%s %s %d %.1f ms", method, route, status, duration_ms,
+            extra={"method": method, "route": route, "status": status, "duration_ms": round(duration_ms, 2)},
+        )  # fmt: skip
 
 
-def _with_security_headers(headers: list[tuple[bytes, bytes]], path: str) -> list[tuple[bytes, bytes]]:
+async def _refuse(
+    send: Send, path: str, id_header: tuple[bytes, bytes], status: int, field: str, message: str,
+    allowed: str | None = None, headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:  # fmt: skip
+    body = orjson.dumps(error_body([field_error(field, message, allowed)]))
+    response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        *(headers or [])]  # fmt: skip
+    await send({"type": "http.response.start", "status": status,
+                "headers": _response_headers(response_headers, path, id_header)})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+_ADDED_NAMES = frozenset({*(name for name, _ in SECURITY_HEADERS), CONTENT_SECURITY_POLICY[0], b"cache-control"})
+_ADDED = (*SECURITY_HEADERS, CONTENT_SECURITY_POLICY, (b"cache-control", b"no-store"))
+_ADDED_TO_DOCS = (*SECURITY_HEADERS, (b"cache-control", b"no-store"))
+
+
+def _response_headers(
+    headers: Iterable[tuple[bytes, bytes]], path: str, id_header: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The response's headers, then the security headers it did not set itself, then X-Request-ID."""
+    headers = list(headers)
     present = {name.lower() for name, _ in headers}
-    added = [header for header in SECURITY_HEADERS if header[0] not in present]
-    if path not in DOCS_PATHS and CONTENT_SECURITY_POLICY[0] not in present:
-        added.append(CONTENT_SECURITY_POLICY)
-    if b"cache-control" not in present:
-        added.append((b"cache-control", b"no-store"))
-    return headers + added
+    if present.isdisjoint(_ADDED_NAMES):  # the usual case: every one of them, precomputed
+        headers += _ADDED_TO_DOCS if path in DOCS_PATHS else _ADDED
+    else:
+        headers += [header for header in SECURITY_HEADERS if header[0] not in present]
+        if path not in DOCS_PATHS and CONTENT_SECURITY_POLICY[0] not in present:
+            headers.append(CONTENT_SECURITY_POLICY)
+        if b"cache-control" not in present:
+            headers.append((b"cache-control", b"no-store"))
+    headers.append(id_header)
+    return headers
 
 
 def _route_template(scope: Scope) -> str:
@@ -166,49 +220,10 @@ def _route_template(scope: Scope) -> str:
     return "unmatched"
 
 
-class RequestTimer:
-    """The request-duration histogram and the access log, by route template.
-
-    Plain ASGI: the `@app.middleware("http")` form runs each request through an extra task and
-    stream, which profiling showed as most of the CPU of a single-event request.
-    """
-
-    def __init__(self, app: ASGIApp, request_duration: Histogram):
-        self.app = app
-        self.request_duration = request_duration
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_recording_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_recording_status)
-        finally:
-            route, elapsed_s, method = _route_template(scope), time.perf_counter() - started, scope["method"]
-            self.request_duration.labels(method, route, str(status)).observe(elapsed_s)
-            # The route template, never the raw path: paths carry customer ids.
-            access_log.info(
-                "%s %s %d %.1f ms", method, route, status, elapsed_s * 1000,
-                extra={"method": method, "route": route, "status": status, "duration_ms": round(elapsed_s * 1000, 2)},
-            )  # fmt: skip
-
-
 def install_common(app: FastAPI, request_duration: Histogram | None = None, settings: Settings | None = None) -> None:
     """Request timing, limits and security headers, CORS (closed unless origins are configured),
     FastAPI's validation errors in our field shape, and GET /metrics."""
     settings = settings or Settings()
-    if request_duration is not None:
-        app.add_middleware(RequestTimer, request_duration=request_duration)
-
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
@@ -223,6 +238,7 @@ def install_common(app: FastAPI, request_duration: Histogram | None = None, sett
         max_path_bytes=settings.max_path_bytes,
         max_header_bytes=settings.max_header_bytes,
         timeout_s=settings.request_timeout_s,
+        request_duration=request_duration,
     )
 
     @app.exception_handler(StarletteHTTPException)

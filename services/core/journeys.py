@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cache, cached_property
 from pathlib import Path
 
@@ -16,7 +17,12 @@ JOURNEY_SCHEMA_PATH = SCHEMAS_DIR / "journey.schema.json"
 
 
 class JourneyError(ValueError):
-    """A journey map file is invalid."""
+    """A journey map is invalid. `problems` holds (field path, message) pairs, e.g.
+    ("stages.2.promise", "11 is greater than the maximum of 10")."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or [("(root)", message)]
 
 
 @dataclass(frozen=True)
@@ -95,16 +101,15 @@ def _validator() -> Draft202012Validator:
 
 def parse_journey(document: dict, origin: str = "<document>") -> Journey:
     """Validate one journey document against journey.schema.json and build the Journey."""
-    errors = sorted(_validator().iter_errors(document), key=lambda error: list(error.path))
+    errors = sorted(_validator().iter_errors(document), key=lambda error: [str(part) for part in error.path])
     if errors:
-        details = "; ".join(
-            f"{'.'.join(str(part) for part in error.path) or '(root)'}: {error.message}" for error in errors
-        )
-        raise JourneyError(f"{origin}: {details}")
+        problems = [(".".join(str(part) for part in error.path) or "(root)", error.message) for error in errors]
+        raise JourneyError(f"{origin}: " + "; ".join(f"{path}: {message}" for path, message in problems), problems)
     stage_ids = [stage["id"] for stage in document["stages"]]
     duplicated = sorted({stage_id for stage_id in stage_ids if stage_ids.count(stage_id) > 1})
     if duplicated:
-        raise JourneyError(f"{origin}: duplicated stage ids: {', '.join(duplicated)}")
+        message = f"duplicated stage ids: {', '.join(duplicated)}; stage ids must be unique within a journey"
+        raise JourneyError(f"{origin}: {message}", [("stages", message)])
     stages = tuple(
         Stage(
             id=stage["id"],
@@ -144,13 +149,56 @@ def load_journeys(directory: Path) -> dict[str, Journey]:
     return journeys
 
 
+@dataclass(frozen=True)
+class JourneyVersion:
+    """One stored version of a tenant's journey; `journey` is None when that version retired it."""
+
+    tenant: str
+    journey_id: str
+    version: int
+    journey: Journey | None
+    created_at: datetime | None = None
+    created_by: str | None = None
+
+
+def tenant_journeys(shipped: dict[str, Journey], latest: list[JourneyVersion]) -> dict[str, Journey]:
+    """A tenant's journeys: the shipped maps, each replaced or retired by the tenant's latest stored
+    version of the same id, then the tenant's own journeys by id."""
+    own = {item.journey_id: item for item in latest}
+    journeys = {
+        journey_id: own[journey_id].journey if journey_id in own else journey for journey_id, journey in shipped.items()
+    }
+    journeys.update((journey_id, own[journey_id].journey) for journey_id in sorted(own) if journey_id not in shipped)
+    return {journey_id: journey for journey_id, journey in journeys.items() if journey is not None}
+
+
 class JourneyCatalog:
-    """The journeys of each tenant. For now every tenant has the shipped maps; per-tenant,
-    versioned maps stored in Postgres are being added behind this same interface."""
+    """The journeys of each tenant, as last loaded: the shipped maps for a tenant without stored
+    versions. Reads are synchronous and never touch the database, so they are safe inside a
+    transaction; `services.core.db.journeys` loads the stored versions and calls `replace`."""
 
     def __init__(self, shipped: dict[str, Journey]):
         self.shipped = shipped
+        self._by_tenant: dict[str, dict[str, Journey]] = {}
+        self._latest: dict[str, list[JourneyVersion]] = {}
+        self.loaded = False  # True once the stored versions were read at least once
 
     def of(self, tenant: str) -> dict[str, Journey]:
-        """The tenant's journeys as last loaded (a sync read, safe inside a transaction)."""
-        return self.shipped
+        return self._by_tenant.get(tenant, self.shipped)
+
+    def latest(self, tenant: str) -> list[JourneyVersion]:
+        """The tenant's latest stored version of each journey it changed (retirements included)."""
+        return self._latest.get(tenant, [])
+
+    @property
+    def tenants_with_own_maps(self) -> list[str]:
+        return sorted(self._by_tenant)
+
+    def replace(self, latest: list[JourneyVersion]) -> None:
+        """Install the latest stored version of every (tenant, journey), all tenants at once."""
+        by_tenant: dict[str, list[JourneyVersion]] = {}
+        for item in latest:
+            by_tenant.setdefault(item.tenant, []).append(item)
+        self._latest = by_tenant
+        self._by_tenant = {tenant: tenant_journeys(self.shipped, items) for tenant, items in by_tenant.items()}
+        self.loaded = True

@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     # Query API.
     page_limit_max: int = Field(500, ge=1)
 
+    # Per-tenant journey maps (admin endpoints, docs/security.md): every service re-reads the
+    # stored versions this often, so a change reaches ingest, scoring and the API within it.
+    journeys_refresh_s: float = Field(5.0, gt=0)
+    # Journeys a tenant may have stored and live at once (its own and the shipped ones it replaced).
+    journeys_per_tenant_max: int = Field(100, ge=1)
+
     # Access (docs/security.md). Every /v1 request carries `Authorization: Bearer <API key>`; the key
     # names the tenant and the scopes. Without auth (tenant = CEM_TENANT) only when explicitly
     # disabled and bound to loopback: the services refuse to start otherwise.

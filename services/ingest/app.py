@@ -10,16 +10,17 @@ from fastapi import FastAPI
 
 from services.core.access import install_access
 from services.core.http import install_common
-from services.core.journeys import load_journeys
+from services.core.db.engine import create_engine
+from services.core.db.journeys import JourneyLoader
 from services.core.metrics import INGEST_REQUEST_DURATION
 from services.core.settings import Settings
 from services.ingest.producer import TouchpointProducer
-from services.ingest.routes import router
+from services.ingest.routes import add_routes
 
 
 def create_app(settings: Settings) -> FastAPI:
     # Loaded here, not per request: a broken journey map stops the service before it listens.
-    journeys = load_journeys(settings.journeys_dir)
+    loader = JourneyLoader.shipped(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -27,20 +28,27 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.producer = producer
         # Connecting in the background lets the service start (and report 503) while the broker is down.
         connecting = asyncio.create_task(producer.run(), name="ingest-producer")
+        # The tenants' own journey maps, re-read every journeys_refresh_s; the last ones are kept
+        # through a database outage.
+        engine = create_engine(settings.database_url, pool_size=1)
+        await loader.load_at_start(engine)
+        refreshing = asyncio.create_task(loader.keep_fresh(engine), name="journey-maps")
         try:
             yield
         finally:
-            connecting.cancel()
-            with suppress(asyncio.CancelledError):
-                await connecting
+            for task in (connecting, refreshing):
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+            await engine.dispose()
             await producer.close()
             await app.state.access.close()
 
     app = FastAPI(title="CEM ingest", version="1", summary="Touchpoint events in (SPEC 4)", lifespan=lifespan)
     app.state.settings = settings
-    app.state.journeys = journeys
+    app.state.journey_loader = loader
     # API keys (their lookups use Postgres); refuses CEM_AUTH_DISABLED off loopback.
     install_access(app, settings)
     install_common(app, INGEST_REQUEST_DURATION, settings)
-    app.include_router(router)
+    add_routes(app.router)
     return app

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import lru_cache
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 
-from services.core.events import TouchpointRecord
-from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer, ensure_topics, touchpoint_key
+from services.core.events import EncodedRecord
+from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer, ensure_topics
 from services.core.metrics import INGEST_PENDING_EVENTS, INGEST_PRODUCE_DURATION
 from services.core.settings import Settings
 
@@ -20,6 +23,19 @@ FIRST_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 2.0
+PARTITION_CACHE_KEYS = 100_000  # ~20 MB at most; a customer's events keep hitting its entry
+
+
+@lru_cache(maxsize=PARTITION_CACHE_KEYS)
+def _key_hash(key: bytes) -> int:
+    return murmur2(key) & 0x7FFFFFFF
+
+
+def partition_for(key: bytes, partitions: list[int]) -> int:
+    """The partition aiokafka's DefaultPartitioner picks for a key (the Java client's murmur2, so
+    the same as any Kafka client), with the pure-Python hash computed once per key.
+    `partitions`: all the topic's partitions, sorted."""
+    return partitions[_key_hash(key) % len(partitions)]
 
 
 class BrokerUnavailable(Exception):
@@ -82,10 +98,10 @@ class TouchpointProducer:
             raise
         return producer
 
-    async def send_all(self, records: list[TouchpointRecord]) -> None:
-        """Write the records concurrently and wait until the broker acknowledged every one.
+    async def send_all(self, records: list[EncodedRecord]) -> None:
+        """Write the records and wait until the broker acknowledged every one.
 
-        Raises BrokerUnavailable if any write failed or took longer than producer_timeout_s; some
+        Raises BrokerUnavailable if any write failed or all took longer than producer_timeout_s; some
         may have been written then, which is safe: scoring drops duplicate event ids. Raises
         Overloaded, before writing any, if the records would take the pending events past
         ingest_max_pending_events (a request is always admitted when nothing is pending).
@@ -104,30 +120,25 @@ class TouchpointProducer:
             self.pending_events -= len(records)
             INGEST_PENDING_EVENTS.set(self.pending_events)
 
-    async def _send_all(self, producer: AIOKafkaProducer, records: list[TouchpointRecord]) -> None:
+    async def _send_all(self, producer: AIOKafkaProducer, records: list[EncodedRecord]) -> None:
         started = time.perf_counter()
-        outcomes = await asyncio.gather(*(self._send(producer, record) for record in records), return_exceptions=True)
-        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-        for failure in failures:
-            if not isinstance(failure, (KafkaError, TimeoutError)):
-                raise failure
-        if failures:
+        topic = self._settings.touchpoints_topic
+        deliveries: list[asyncio.Future] = []
+        try:
+            # One deadline for the whole request (it covers waiting for metadata and for room in
+            # the producer's queue too), not a timer and a task per record.
+            async with asyncio.timeout(self._settings.producer_timeout_s):
+                partitions = sorted(await producer.partitions_for(topic))
+                for partition, batch in _batches(producer, partitions, records):
+                    delivery = await producer.send_batch(batch, topic, partition=partition)
+                    # If this request gives up first, a later failure is not "never retrieved".
+                    delivery.add_done_callback(_retrieve)
+                    deliveries.append(delivery)
+                await asyncio.gather(*deliveries)
+        except (KafkaError, TimeoutError) as error:
             self._trouble.set()
-            raise BrokerUnavailable(f"{len(failures)} of {len(records)} writes failed: {failures[0]!r}")
+            raise BrokerUnavailable(f"writing {len(records)} records failed: {error!r}") from None
         INGEST_PRODUCE_DURATION.observe(time.perf_counter() - started)
-
-    async def _send(self, producer: AIOKafkaProducer, record: TouchpointRecord) -> None:
-        async def send_and_wait() -> None:
-            delivery = await producer.send(
-                self._settings.touchpoints_topic,
-                value=record.to_json(),
-                key=touchpoint_key(record.tenant, record.customer_id),
-                headers=[TOUCHPOINT_SCHEMA_HEADER],
-            )
-            await delivery
-
-        # send() itself may wait for metadata, so the bound covers both steps.
-        await asyncio.wait_for(send_and_wait(), self._settings.producer_timeout_s)
 
     async def not_ready_reason(self) -> str | None:
         """None if the producer is started and the broker serves the topic's metadata, else why not."""
@@ -155,3 +166,33 @@ class TouchpointProducer:
             await asyncio.wait_for(producer.stop(), self._settings.producer_timeout_s + 1)
         except TimeoutError:
             log.warning("the producer did not stop in time; pending writes are dropped")
+
+
+def _batches(
+    producer: AIOKafkaProducer, partitions: list[int], records: list[EncodedRecord]
+) -> list[tuple[int, BatchBuilder]]:
+    """The records as record batches, one per partition (more if one fills up), in order.
+
+    One batch and one delivery future per partition, instead of a future per record and the
+    producer's per-send work (metadata check, partitioning, accumulator), is most of the cost of a
+    large request's writes. Each record is where producer.send() would put it (same partitioner).
+    """
+    headers = [TOUCHPOINT_SCHEMA_HEADER]
+    open_batches: dict[int, BatchBuilder] = {}
+    batches: list[tuple[int, BatchBuilder]] = []
+    for record in records:
+        partition = partition_for(record.key, partitions)
+        batch = open_batches.get(partition)
+        if batch is None or batch.append(timestamp=None, key=record.key, value=record.value, headers=headers) is None:
+            # New partition, or the batch is full (append closed it): a fresh batch takes any record.
+            batch = open_batches[partition] = producer.create_batch()
+            batches.append((partition, batch))
+            batch.append(timestamp=None, key=record.key, value=record.value, headers=headers)
+    for _, batch in batches:
+        batch.close()  # nothing else may join them: their records are exactly this request's
+    return batches
+
+
+def _retrieve(delivery: asyncio.Future) -> None:
+    if not delivery.cancelled():
+        delivery.exception()

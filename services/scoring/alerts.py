@@ -24,12 +24,14 @@ from collections import defaultdict
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import text
+from sqlalchemy import ARRAY, Text, bindparam, func, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.core import alerting
 from services.core.alerting import Finding, HotEvent, StageWindow
+from services.core.bucket_windows import window_ranges
 from services.core.db.alerts import ALERT_COLUMNS, NewTransition, dumps, record_transitions
+from services.core.db.stage_windows import window_rows
 from services.core.journeys import Journey, JourneyCatalog
 from services.core.scoring import from_epoch_seconds
 from services.scoring.store import BatchOutcome, ScoringContext
@@ -48,21 +50,32 @@ async def load_stage_windows(
 ) -> dict[tuple[str, str], StageWindow]:
     if not keys:
         return {}
-    rows = await conn.execute(
-        text(
-            "SELECT b.journey, b.stage, sum(b.events) AS events, sum(b.gap_sum) AS gap_sum, "
-            "sum(b.shortfall_events) AS shortfall_events, sum(b.revenue_sum) AS revenue "
-            "FROM stage_buckets b JOIN unnest(CAST(:journeys AS text[]), CAST(:stages AS text[])) "
-            "AS k(journey, stage) ON b.journey = k.journey AND b.stage = k.stage "
-            "WHERE b.tenant = :tenant AND b.minute >= :start GROUP BY b.journey, b.stage"
-        ),
-        {"tenant": tenant, "journeys": [k[0] for k in keys], "stages": [k[1] for k in keys], "start": start},
+    # The pairs as two arrays: one statement text, and one plan, whatever their number.
+    pairs = func.unnest(
+        bindparam("journeys", [key[0] for key in keys], type_=ARRAY(Text)),
+        bindparam("stages", [key[1] for key in keys], type_=ARRAY(Text)),
+    ).table_valued("journey", "stage").render_derived(name="pairs")
+    rows = window_rows(
+        window_ranges(start),
+        ("journey", "stage", "events", "gap_sum", "shortfall_events", "revenue_sum"),
+        lambda table: [
+            table.tenant == tenant,
+            tuple_(table.journey, table.stage).in_(select(pairs.c.journey, pairs.c.stage)),
+        ],
     )
+    query = select(
+        rows.c.journey,
+        rows.c.stage,
+        func.sum(rows.c.events).label("events"),
+        func.sum(rows.c.gap_sum).label("gap_sum"),
+        func.sum(rows.c.shortfall_events).label("shortfall_events"),
+        func.sum(rows.c.revenue_sum).label("revenue"),
+    ).group_by(rows.c.journey, rows.c.stage)
     return {
         (row.journey, row.stage): StageWindow(
             events=int(row.events), gap_sum=row.gap_sum, shortfall_events=int(row.shortfall_events), revenue=row.revenue
         )
-        for row in rows
+        for row in await conn.execute(query)
     }
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from services.core.db.engine import create_engine
 from services.core.http import install_common
-from services.core.journeys import JourneyCatalog, load_journeys
+from services.core.db.journeys import JourneyLoader
 from services.core.settings import Settings
 from services.scoring.alerts import AlertEvaluator, keep_stage_alerts_fresh
 from services.scoring.consumer import Scorer
@@ -24,7 +24,7 @@ log = logging.getLogger("cem.scoring")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    journeys = JourneyCatalog(load_journeys(settings.journeys_dir))
+    journeys = JourneyLoader.shipped(settings)  # fails at start on a broken shipped map
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -37,6 +37,8 @@ def create_app(settings: Settings) -> FastAPI:
         webhook = WebhookAlerts(settings) if settings.alert_webhook_url else None
         helpers = [
             asyncio.create_task(keep_gauges_fresh(engine, settings), name="domain-gauges"),
+            # Batches refresh the journey maps too; this keeps them fresh for the timers while idle.
+            asyncio.create_task(journeys.keep_fresh(engine), name="journey-maps"),
             asyncio.create_task(
                 keep_stage_alerts_fresh(
                     engine, scorer.context, settings.alert_stage_window_minutes, settings.alert_reevaluate_interval_s

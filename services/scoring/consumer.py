@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import metrics
 from services.core.events import CUSTOMER_ID_PATTERN, EVENT_ID_PATTERN, TouchpointRecord
-from services.core.journeys import JourneyCatalog
+from services.core.db.journeys import JourneyLoader
 from services.core.kafka import create_consumer, create_producer
 from services.core.scoring import HalfLives, ScoredEvent
 from services.core.settings import Settings
@@ -82,7 +82,8 @@ def to_scored_event(record: TouchpointRecord) -> ScoredEvent:
 
 def payload_hash(record: TouchpointRecord) -> bytes:
     """16 bytes that differ when two records with one event id carry different content."""
-    content = record.model_dump(mode="json", include=set(PAYLOAD_FIELDS))
+    # The fields as parsed (what model_dump(mode="json") gives for them, without its cost).
+    content = {name: getattr(record, name) for name in PAYLOAD_FIELDS}
     content["occurred_at"] = record.occurred_at.astimezone(timezone.utc).isoformat()
     return hashlib.blake2b(orjson.dumps(content, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
 
@@ -182,11 +183,12 @@ class Scorer:
         self,
         settings: Settings,
         engine: AsyncEngine,
-        journeys: JourneyCatalog,
+        journeys: JourneyLoader,
         after_batch: AfterBatch | None = None,
     ):
         self.settings = settings
         self.engine = engine
+        self.journeys = journeys
         self.context = ScoringContext(
             group_id=settings.scoring_group_id,
             half_lives=HalfLives(
@@ -194,7 +196,7 @@ class Scorer:
                 trend_s=settings.trend_half_life_s,
                 revenue_s=settings.revenue_half_life_s,
             ),
-            journeys=journeys,
+            journeys=journeys.catalog,
         )
         self.after_batch = after_batch
         self.batch_lock = asyncio.Lock()
@@ -439,6 +441,8 @@ class Scorer:
 
         now = time.time()
         async with self.engine.begin() as conn:
+            # The tenants' own journey maps, re-read when older than journeys_refresh_s (one small query).
+            await self.journeys.refresh_if_stale(conn)
             outcome = await score_batch(conn, events, ranges, self.context, datetime.fromtimestamp(now, timezone.utc))
             if self.after_batch is not None:
                 await self.after_batch(conn, outcome)

@@ -9,11 +9,13 @@ import asyncio
 import logging
 from datetime import timedelta
 
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import metrics
 from services.core.alerting import KINDS
+from services.core.bucket_windows import MINUTE, floor_to, window_ranges
+from services.core.db.stage_windows import window_rows
 from services.core.scoring import QUADRANTS
 from services.core.settings import Settings
 
@@ -24,15 +26,22 @@ GAUGE_WINDOWS = {"5m": timedelta(minutes=5), "1h": timedelta(hours=1), "24h": ti
 
 async def refresh_gauges(engine: AsyncEngine, settings: Settings) -> None:
     async with engine.connect() as conn:
+        now = (await conn.execute(select(func.now()))).scalar_one()  # the database's clock, as before
         for label, interval in GAUGE_WINDOWS.items():
+            # From the minute of now - window on (date_trunc('minute', ...)), in minute, hour and day rows.
+            buckets = window_rows(
+                window_ranges(floor_to(now - interval, MINUTE)),
+                ("journey", "stage", "events", "gap_sum", "shortfall_events"),
+                lambda table: [table.tenant == settings.tenant],
+            )
             rows = await conn.execute(
-                text(
-                    "SELECT journey, stage, sum(events) AS events, sum(gap_sum) AS gap_sum, "
-                    "sum(shortfall_events) AS shortfall FROM stage_buckets "
-                    "WHERE tenant = :tenant AND minute >= date_trunc('minute', now() - CAST(:window AS interval)) "
-                    "GROUP BY journey, stage"
-                ),
-                {"tenant": settings.tenant, "window": interval},
+                select(
+                    buckets.c.journey,
+                    buckets.c.stage,
+                    func.sum(buckets.c.events).label("events"),
+                    func.sum(buckets.c.gap_sum).label("gap_sum"),
+                    func.sum(buckets.c.shortfall_events).label("shortfall"),
+                ).group_by(buckets.c.journey, buckets.c.stage)
             )
             for row in rows:
                 events = int(row.events)  # sum(bigint) is numeric

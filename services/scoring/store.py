@@ -1,26 +1,33 @@
 """One scoring batch as one Postgres transaction: de-duplicate, fold into the aggregates, store
-the consumed offsets (compare-and-set, so a consumer that lost its partition cannot commit)."""
+the consumed offsets (compare-and-set, so a consumer that lost its partition cannot commit).
+
+The batch reaches Postgres once per table: the de-duplicated events' keys and the per-key deltas
+(the pure maths of services.core.scoring) are COPYed into session-local staging tables, and one
+set-based upsert per table folds them into the stored state. The decayed merge of a delta into a
+stored row (CustomerState.merge, CustomerStageState.merge) is written in SQL inside the upsert
+(ON CONFLICT DO UPDATE works on the locked, latest row version), so no row is read first;
+RETURNING OLD/NEW gives the previous quadrant for the alerts."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import asyncpg
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.core.journeys import JourneyCatalog
 from services.core.scoring import (
-    CustomerStageState,
     CustomerState,
     HalfLives,
     ScoredEvent,
     bucket_events,
-    from_epoch_seconds,
     merge_customer_events,
-    quadrant,
-    revenue_rank,
 )
 
 
@@ -93,6 +100,82 @@ async def load_offsets(conn: AsyncConnection, group_id: str, topic: str, partiti
     return {row.partition: row.next_offset for row in rows}
 
 
+# --------------------------------------------------------------------------------------------
+# The batch's connection: asyncpg under the caller's SQLAlchemy connection, in its transaction.
+
+_BUCKET_SUMS = (
+    "events", "expectation_sum", "expectation_sq_sum", "experience_sum", "experience_sq_sum", "gap_sum",
+    "gap_sq_sum", "shortfall_events", "promise_kept_events", "negative_emotion_events", "revenue_sum",
+)  # fmt: skip
+_BUCKET_INTEGERS = {"events", "shortfall_events", "promise_kept_events", "negative_emotion_events"}
+_CUSTOMER_SUMS = (
+    "index_gap_sum", "index_weight_sum", "trend_gap_sum", "trend_weight_sum", "revenue_sum",
+)  # fmt: skip
+
+# Times travel as epoch seconds (to_timestamp on the way in: exact for the microsecond times of
+# events), which spares a datetime per value. ON COMMIT DELETE ROWS: temp tables are never
+# vacuumed, so each commit empties them; each statement also deletes what it read, so that two
+# batches in one transaction cannot see each other's rows.
+_STAGING = {
+    "scoring_claims": "tenant text, event_id text, occurred_s float8, payload_hash bytea",
+    "scoring_buckets": "tenant text, journey text, stage text, minute_s float8, touchpoint text, channel text, "
+    + ", ".join(f"{name} {'bigint' if name in _BUCKET_INTEGERS else 'float8'}" for name in _BUCKET_SUMS)
+    + ", gap_histogram text",  # as text: asyncpg encodes an int array element by element, slowly
+    "scoring_customer_stages": "tenant text, customer_id text, journey text, stage text, last_s float8, "
+    "gap_sum float8, weight_sum float8, events bigint",
+    "scoring_customers": "tenant text, customer_id text, last_s float8, first_s float8, latest_journey text, "
+    "latest_event_id text, " + ", ".join(f"{name} float8" for name in _CUSTOMER_SUMS) + ", events bigint",
+}
+# One statement through SQLAlchemy: it also opens the caller's transaction (SQLAlchemy begins on
+# a connection's first statement), which the statements sent to asyncpg directly then run in.
+_CREATE_STAGING = text(
+    "DO $$ BEGIN IF to_regclass('pg_temp.scoring_customers') IS NULL THEN "
+    + " ".join(f"CREATE TEMP TABLE {name} ({columns}) ON COMMIT DELETE ROWS;" for name, columns in _STAGING.items())
+    + " END IF; END $$"
+)
+
+
+@contextlib.contextmanager
+def _as_dbapi_error(statement: str) -> Iterator[None]:
+    """asyncpg's errors as SQLAlchemy's, as if the statement had gone through SQLAlchemy: the
+    consumer tells refused data (SQLSTATE of error.orig) from outages by them."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        raise DBAPIError.instance(statement, None, error, Exception, hide_parameters=True) from error
+
+
+class _Batch:
+    """The asyncpg connection under the caller's: COPY and the hot statements skip SQLAlchemy's
+    text() layer and asyncpg's per-element array encoding (a quarter of the process before)."""
+
+    def __init__(self, driver: asyncpg.Connection):
+        self.driver = driver
+
+    @classmethod
+    async def open(cls, conn: AsyncConnection) -> _Batch:
+        await conn.execute(_CREATE_STAGING)
+        driver = (await conn.get_raw_connection()).driver_connection
+        if not driver.is_in_transaction():  # would autocommit statement by statement
+            raise RuntimeError("score_batch runs in the caller's transaction")
+        return cls(driver)
+
+    async def stage(self, table: str, records: list[tuple]) -> None:
+        columns = [column.split()[0] for column in _STAGING[table].split(", ")]
+        with _as_dbapi_error(f"COPY pg_temp.{table}"):
+            await self.driver.copy_records_to_table(table, records=records, columns=columns, schema_name="pg_temp")
+
+    async def fetch(self, statement: str, *args) -> list[asyncpg.Record]:
+        with _as_dbapi_error(statement):
+            return await self.driver.fetch(statement, *args)
+
+    async def execute(self, statement: str, *args) -> int:
+        """The number of rows the statement touched."""
+        with _as_dbapi_error(statement):
+            status = await self.driver.execute(statement, *args)
+        return int(status.rsplit(" ", 1)[-1])
+
+
 async def score_batch(
     conn: AsyncConnection,
     events: list[TenantEvent],
@@ -102,24 +185,42 @@ async def score_batch(
 ) -> BatchOutcome:
     """Apply one batch inside the caller's transaction. Raises StaleOffsets if fenced off."""
     outcome = BatchOutcome(now=now)
-    fresh, outcome.conflicting = await _claim_new_events(conn, events)
+    batch = await _Batch.open(conn)
+    fresh, outcome.conflicting = await _claim_new_events(batch, events)
     outcome.duplicates = len(events) - len(fresh)
     outcome.scored = fresh
 
     by_tenant: dict[str, list[ScoredEvent]] = defaultdict(list)
     for item in fresh:
         by_tenant[item.tenant].append(item.event)
-    for tenant, tenant_events in sorted(by_tenant.items()):
-        await _add_stage_buckets(conn, tenant, tenant_events)
-        customer_deltas, stage_deltas = merge_customer_events(tenant_events, context.half_lives)
-        await _merge_customer_stages(conn, tenant, stage_deltas, context.half_lives)
-        await _merge_customers(conn, tenant, customer_deltas, context, now, outcome)
+    if by_tenant:
+        await _add_stage_buckets(batch, by_tenant)
+        customer_deltas, stage_deltas = {}, {}
+        for tenant, tenant_events in by_tenant.items():
+            customer_deltas[tenant], stage_deltas[tenant] = merge_customer_events(tenant_events, context.half_lives)
+        await _merge_customer_stages(batch, stage_deltas, context.half_lives)
+        await _merge_customers(batch, customer_deltas, context, now, outcome)
 
-    await _store_offsets(conn, context.group_id, ranges)
+    await _store_offsets(batch, context.group_id, ranges)
     return outcome
 
 
-async def _claim_new_events(conn: AsyncConnection, events: list[TenantEvent]) -> tuple[list[TenantEvent], int]:
+# --------------------------------------------------------------------------------------------
+# De-duplication.
+
+_CLAIM = (
+    "WITH staged AS (DELETE FROM pg_temp.scoring_claims RETURNING *) "
+    "INSERT INTO processed_events (tenant, event_id, occurred_at, payload_hash) "
+    "SELECT tenant, event_id, to_timestamp(occurred_s), payload_hash FROM staged ORDER BY tenant, event_id "
+    "ON CONFLICT DO NOTHING RETURNING tenant, event_id"
+)
+_STORED_HASHES = (
+    "SELECT p.tenant, p.event_id, p.payload_hash FROM processed_events p "
+    "JOIN unnest($1::text[], $2::text[]) AS k(tenant, event_id) ON p.tenant = k.tenant AND p.event_id = k.event_id"
+)
+
+
+async def _claim_new_events(batch: _Batch, events: list[TenantEvent]) -> tuple[list[TenantEvent], int]:
     """Record (tenant, event_id) of every event; keep those never seen before (first wins).
 
     Also returns how many of the others carried a payload different from the one kept: a client
@@ -134,34 +235,19 @@ async def _claim_new_events(conn: AsyncConnection, events: list[TenantEvent]) ->
             conflicting += 1
     if not unique:
         return [], 0
-    rows = await conn.execute(
-        text(
-            "INSERT INTO processed_events (tenant, event_id, occurred_at, payload_hash) "
-            "SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:event_ids AS text[]), "
-            "CAST(:occurred AS timestamptz[]), CAST(:hashes AS bytea[])) "
-            "ON CONFLICT DO NOTHING RETURNING tenant, event_id"
-        ),
-        {
-            "tenants": [key[0] for key in unique],
-            "event_ids": [key[1] for key in unique],
-            "occurred": [from_epoch_seconds(item.event.occurred_s) for item in unique.values()],
-            "hashes": [item.payload_hash for item in unique.values()],
-        },
+    await batch.stage(
+        "scoring_claims",
+        [(tenant, event_id, item.event.occurred_s, item.payload_hash) for (tenant, event_id), item in unique.items()],
     )
-    claimed = {(row.tenant, row.event_id) for row in rows}
+    claimed = {(row["tenant"], row["event_id"]) for row in await batch.fetch(_CLAIM)}
     seen_before = [key for key in unique if key not in claimed]
     if seen_before:
         # A separate statement: it sees rows committed by other consumers since the INSERT began.
-        stored = await conn.execute(
-            text(
-                "SELECT p.tenant, p.event_id, p.payload_hash FROM processed_events p "
-                "JOIN unnest(CAST(:tenants AS text[]), CAST(:event_ids AS text[])) AS k(tenant, event_id) "
-                "ON p.tenant = k.tenant AND p.event_id = k.event_id"
-            ),
-            {"tenants": [key[0] for key in seen_before], "event_ids": [key[1] for key in seen_before]},
+        stored = await batch.fetch(
+            _STORED_HASHES, [key[0] for key in seen_before], [key[1] for key in seen_before]
         )
         for row in stored:
-            if _differ(row.payload_hash, unique[(row.tenant, row.event_id)].payload_hash):
+            if _differ(row["payload_hash"], unique[(row["tenant"], row["event_id"])].payload_hash):
                 conflicting += 1
     return [item for key, item in unique.items() if key in claimed], conflicting
 
@@ -171,120 +257,150 @@ def _differ(kept: bytes | None, other: bytes | None) -> bool:
     return kept is not None and other is not None and bytes(kept) != bytes(other)
 
 
-_BUCKET_SUMS = (
-    "events", "expectation_sum", "expectation_sq_sum", "experience_sum", "experience_sq_sum", "gap_sum",
-    "gap_sq_sum", "shortfall_events", "promise_kept_events", "negative_emotion_events", "revenue_sum",
-)  # fmt: skip
-_BUCKET_TYPES = {
-    "events": "bigint", "shortfall_events": "bigint", "promise_kept_events": "bigint",
-    "negative_emotion_events": "bigint",
-}  # fmt: skip
+# --------------------------------------------------------------------------------------------
+# Stage buckets: plain sums.
 
-_ADD_STAGE_BUCKETS = text(
+_HISTOGRAM_BINS = 40
+# Element by element: an unnest/array_agg per conflicting row cost more than the rest of the upsert.
+_ADD_HISTOGRAMS = (
+    "ARRAY["
+    + ", ".join(f"b.gap_histogram[{i}] + EXCLUDED.gap_histogram[{i}]" for i in range(1, _HISTOGRAM_BINS + 1))
+    + "]"
+)
+_ADD_STAGE_BUCKETS = (
+    "WITH staged AS (DELETE FROM pg_temp.scoring_buckets RETURNING *) "
     "INSERT INTO stage_buckets AS b (tenant, journey, stage, minute, touchpoint, channel, "
     + ", ".join(_BUCKET_SUMS)
-    + ", gap_histogram) SELECT :tenant, journey, stage, minute, touchpoint, channel, "
+    + ", gap_histogram) SELECT tenant, journey, stage, to_timestamp(minute_s), touchpoint, channel, "
     + ", ".join(_BUCKET_SUMS)
-    + ", CAST(histogram AS bigint[]) FROM unnest(CAST(:journey AS text[]), CAST(:stage AS text[]), "
-    "CAST(:minute AS timestamptz[]), CAST(:touchpoint AS text[]), CAST(:channel AS text[]), "
-    + ", ".join(f"CAST(:{name} AS {_BUCKET_TYPES.get(name, 'double precision')}[])" for name in _BUCKET_SUMS)
-    + ", CAST(:histogram AS text[])) AS u(journey, stage, minute, touchpoint, channel, "
-    + ", ".join(_BUCKET_SUMS)
-    + ", histogram) ON CONFLICT (tenant, journey, stage, minute, touchpoint, channel) DO UPDATE SET "
+    # Consumers of other partitions update the same buckets: one lock order for all of them.
+    + ", gap_histogram::bigint[] FROM staged ORDER BY tenant, journey, stage, touchpoint, channel, minute_s "
+    "ON CONFLICT (tenant, journey, stage, minute, touchpoint, channel) DO UPDATE SET "
     + ", ".join(f"{name} = b.{name} + EXCLUDED.{name}" for name in _BUCKET_SUMS)
-    + ", gap_histogram = (SELECT array_agg(x + y ORDER BY i) FROM "
-    "unnest(b.gap_histogram, EXCLUDED.gap_histogram) WITH ORDINALITY AS h(x, y, i))"
+    + f", gap_histogram = {_ADD_HISTOGRAMS}"
 )
 
 
-async def _add_stage_buckets(conn: AsyncConnection, tenant: str, events: list[ScoredEvent]) -> None:
-    # Sorted by key: consumers of other partitions update the same buckets; one lock order
-    # for everyone keeps them from deadlocking.
-    buckets = sorted(bucket_events(events).items())
-    columns: dict[str, list] = defaultdict(list)
-    for (journey, stage, touchpoint, channel, minute_s), bucket in buckets:
-        columns["journey"].append(journey)
-        columns["stage"].append(stage)
-        columns["minute"].append(from_epoch_seconds(minute_s))
-        columns["touchpoint"].append(touchpoint)
-        columns["channel"].append(channel)
-        for name in _BUCKET_SUMS:
-            columns[name].append(getattr(bucket, name))
-        columns["histogram"].append("{" + ",".join(map(str, bucket.gap_histogram)) + "}")
-    await conn.execute(_ADD_STAGE_BUCKETS, {"tenant": tenant, **columns})
+async def _add_stage_buckets(batch: _Batch, by_tenant: dict[str, list[ScoredEvent]]) -> None:
+    records = [
+        (tenant, journey, stage, minute_s, touchpoint, channel)
+        + tuple(getattr(bucket, name) for name in _BUCKET_SUMS)
+        + ("{" + ",".join(map(str, bucket.gap_histogram)) + "}",)
+        for tenant, events in by_tenant.items()
+        for (journey, stage, touchpoint, channel, minute_s), bucket in bucket_events(events).items()
+    ]
+    await batch.stage("scoring_buckets", records)
+    await batch.execute(_ADD_STAGE_BUCKETS)
 
 
-async def _merge_customer_stages(
-    conn: AsyncConnection,
-    tenant: str,
-    deltas: dict[tuple[str, str, str], CustomerStageState],
-    half_lives: HalfLives,
-) -> None:
-    keys = sorted(deltas)
-    rows = await conn.execute(
-        text(
-            "SELECT s.customer_id, s.journey, s.stage, s.last_event_at, s.gap_sum, s.weight_sum, s.events "
-            "FROM customer_stages s JOIN unnest(CAST(:customers AS text[]), CAST(:journeys AS text[]), "
-            "CAST(:stages AS text[])) AS k(customer_id, journey, stage) "
-            "ON s.customer_id = k.customer_id AND s.journey = k.journey AND s.stage = k.stage "
-            "WHERE s.tenant = :tenant ORDER BY 1, 2, 3 FOR UPDATE OF s"
-        ),
-        {
-            "tenant": tenant,
-            "customers": [key[0] for key in keys],
-            "journeys": [key[1] for key in keys],
-            "stages": [key[2] for key in keys],
-        },
-    )
-    merged = dict(deltas)
-    for row in rows:
-        key = (row.customer_id, row.journey, row.stage)
-        stored = CustomerStageState(row.last_event_at.timestamp(), row.gap_sum, row.weight_sum, row.events)
-        merged[key] = stored.merge(deltas[key], half_lives.index_s)
-    await conn.execute(
-        text(
-            "INSERT INTO customer_stages (tenant, customer_id, journey, stage, last_event_at, gap_sum, "
-            "weight_sum, events) SELECT :tenant, * FROM unnest(CAST(:customers AS text[]), "
-            "CAST(:journeys AS text[]), CAST(:stages AS text[]), CAST(:last AS timestamptz[]), "
-            "CAST(:gap_sum AS double precision[]), CAST(:weight_sum AS double precision[]), "
-            "CAST(:events AS bigint[])) "
-            "ON CONFLICT (tenant, customer_id, journey, stage) DO UPDATE SET "
-            "last_event_at = EXCLUDED.last_event_at, gap_sum = EXCLUDED.gap_sum, "
-            "weight_sum = EXCLUDED.weight_sum, events = EXCLUDED.events"
-        ),
-        {
-            "tenant": tenant,
-            "customers": [key[0] for key in keys],
-            "journeys": [key[1] for key in keys],
-            "stages": [key[2] for key in keys],
-            "last": [from_epoch_seconds(merged[key].ref_s) for key in keys],
-            "gap_sum": [merged[key].gap_sum for key in keys],
-            "weight_sum": [merged[key].weight_sum for key in keys],
-            "events": [merged[key].events for key in keys],
-        },
-    )
+# --------------------------------------------------------------------------------------------
+# Decayed states, merged in SQL as in services.core.scoring.
 
 
-_CUSTOMER_COLUMNS = (
-    "customer_id", "last_event_at", "first_event_at", "latest_journey", "latest_event_id", "index_gap_sum",
-    "index_weight_sum", "trend_gap_sum", "trend_weight_sum", "revenue_sum", "events", "experience_index",
-    "trend", "revenue_rank", "quadrant",
-)  # fmt: skip
-_CUSTOMER_TYPES = (
-    "text", "timestamptz", "timestamptz", "text", "text", "double precision", "double precision",
-    "double precision", "double precision", "double precision", "bigint", "double precision",
-    "double precision", "double precision", "text",
-)  # fmt: skip
+def _decay(from_time: str, to_time: str, half_life: str) -> str:
+    """decay_factor() in SQL: the same float operations on the same epoch seconds. Postgres
+    raises an error where Python's power underflows to 0, so a factor below the smallest normal
+    float (2 ** -1022, where Python's are subnormal) is 0."""
+    exponent = f"(extract(epoch FROM {from_time})::float8 - extract(epoch FROM {to_time})::float8) / {half_life}"
+    return f"CASE WHEN {exponent} < -1022 THEN 0 ELSE power(2::float8, {exponent}) END"
 
-_UPSERT_CUSTOMERS = text(
-    "INSERT INTO customers (tenant, " + ", ".join(_CUSTOMER_COLUMNS) + ", updated_at) "
-    "SELECT :tenant, *, now() FROM unnest("
-    + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in zip(_CUSTOMER_COLUMNS, _CUSTOMER_TYPES))
-    + ") ON CONFLICT (tenant, customer_id) DO UPDATE SET "
-    + ", ".join(f"{name} = EXCLUDED.{name}" for name in _CUSTOMER_COLUMNS[1:])
-    + ", updated_at = now()"
+
+# CustomerStageState.merge(stored s, delta EXCLUDED); $1 is the customer half-life.
+_MERGE_CUSTOMER_STAGES = (
+    "WITH staged AS (DELETE FROM pg_temp.scoring_customer_stages RETURNING *) "
+    "INSERT INTO customer_stages AS s "
+    "(tenant, customer_id, journey, stage, last_event_at, gap_sum, weight_sum, events) "
+    "SELECT tenant, customer_id, journey, stage, to_timestamp(last_s), gap_sum, weight_sum, events FROM staged "
+    "ORDER BY tenant, customer_id, journey, stage "
+    "ON CONFLICT (tenant, customer_id, journey, stage) DO UPDATE SET "
+    "(last_event_at, gap_sum, weight_sum, events) = ("
+    "SELECT r.ref, s.gap_sum * f.mine + EXCLUDED.gap_sum * f.theirs, "
+    "s.weight_sum * f.mine + EXCLUDED.weight_sum * f.theirs, s.events + EXCLUDED.events "
+    "FROM (SELECT greatest(s.last_event_at, EXCLUDED.last_event_at) AS ref) r CROSS JOIN LATERAL (SELECT "
+    f"{_decay('s.last_event_at', 'r.ref', '$1')} AS mine, {_decay('EXCLUDED.last_event_at', 'r.ref', '$1')} AS theirs"
+    ") f)"
 )
 
+
+async def _merge_customer_stages(batch: _Batch, deltas: dict[str, dict], half_lives: HalfLives) -> None:
+    records = [
+        (tenant, customer_id, journey, stage, state.ref_s, state.gap_sum, state.weight_sum, state.events)
+        for tenant, tenant_deltas in deltas.items()
+        for (customer_id, journey, stage), state in tenant_deltas.items()
+    ]
+    await batch.stage("scoring_customer_stages", records)
+    await batch.execute(_MERGE_CUSTOMER_STAGES, half_lives.index_s)
+
+
+_CUSTOMER_STATE = (
+    "last_event_at", "first_event_at", "latest_journey", "latest_event_id", *_CUSTOMER_SUMS, "events",
+)  # fmt: skip
+_CUSTOMER_DERIVED = ("experience_index", "trend", "revenue_rank", "quadrant", "updated_at")
+
+
+def _customer_row(merged: str, previous_quadrant: str) -> str:
+    """The stored columns from a merged state `m` (_CUSTOMER_STATE columns), as _merge_customers
+    computed them in Python: CustomerState.experience_index, trend, revenue_rank() and quadrant()
+    with the thresholds of the latest journey (unknown journey: the quadrant stays). Parameters:
+    $1-$4 the tenants' journey thresholds, $5 now (epoch seconds), $8 the revenue half-life."""
+    return (
+        "SELECT " + ", ".join(f"m.{name}" for name in _CUSTOMER_STATE) + ", d.experience_index, "
+        "CASE WHEN m.trend_weight_sum > 0 THEN m.trend_gap_sum / m.trend_weight_sum ELSE 0 END - d.experience_index, "
+        "CASE WHEN m.revenue_sum > 0 THEN ln(m.revenue_sum) / ln(2::float8) + d.ref_s / $8 ELSE -1e300 END, "
+        f"CASE WHEN t.journey IS NULL THEN {previous_quadrant} "
+        "WHEN d.experience_index >= t.experience_threshold "
+        "THEN CASE WHEN d.revenue >= t.revenue_threshold THEN 'exemplary' ELSE 'growth' END "
+        "ELSE CASE WHEN d.revenue >= t.revenue_threshold THEN 'at_risk' ELSE 'disengaged' END END, now() "
+        f"FROM ({merged}) m CROSS JOIN LATERAL (SELECT "
+        "CASE WHEN m.index_weight_sum > 0 THEN m.index_gap_sum / m.index_weight_sum ELSE 0 END AS experience_index, "
+        "extract(epoch FROM m.last_event_at)::float8 AS ref_s) d0 CROSS JOIN LATERAL (SELECT d0.*, "
+        "m.revenue_sum * CASE WHEN (d0.ref_s - greatest($5, d0.ref_s)) / $8 < -1022 THEN 0 "
+        "ELSE power(2::float8, (d0.ref_s - greatest($5, d0.ref_s)) / $8) END AS revenue) d "
+        "LEFT JOIN thresholds t ON t.tenant = m.tenant AND t.journey = m.latest_journey"
+    )
+
+
+# CustomerState.merge(stored c, delta EXCLUDED): $6, $7, $8 the index, trend and revenue half-lives.
+_MERGED_CUSTOMER = (
+    "SELECT c.tenant, r.ref AS last_event_at, least(c.first_event_at, EXCLUDED.first_event_at) AS first_event_at, "
+    "CASE WHEN r.theirs_latest THEN EXCLUDED.latest_journey ELSE c.latest_journey END AS latest_journey, "
+    "CASE WHEN r.theirs_latest THEN EXCLUDED.latest_event_id ELSE c.latest_event_id END AS latest_event_id, "
+    + ", ".join(
+        f"c.{name} * f.mine_{kind} + EXCLUDED.{name} * f.theirs_{kind} AS {name}"
+        for name, kind in zip(_CUSTOMER_SUMS, ("index", "index", "trend", "trend", "revenue"))
+    )
+    + ", c.events + EXCLUDED.events AS events "
+    # The latest journey is that of the greatest (time, event id), event ids compared as Python does.
+    "FROM (SELECT greatest(c.last_event_at, EXCLUDED.last_event_at) AS ref, "
+    '(EXCLUDED.last_event_at, EXCLUDED.latest_event_id COLLATE "C") '
+    '> (c.last_event_at, c.latest_event_id COLLATE "C") '
+    "AS theirs_latest) r CROSS JOIN LATERAL (SELECT "
+    + ", ".join(
+        f"{_decay('c.last_event_at', 'r.ref', half_life)} AS mine_{kind}, "
+        f"{_decay('EXCLUDED.last_event_at', 'r.ref', half_life)} AS theirs_{kind}"
+        for kind, half_life in (("index", "$6"), ("trend", "$7"), ("revenue", "$8"))
+    )
+    + ") f"
+)
+_MERGE_CUSTOMERS = (
+    "WITH thresholds AS (SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[]) "
+    "AS t(tenant, journey, experience_threshold, revenue_threshold)), "
+    "staged AS (DELETE FROM pg_temp.scoring_customers RETURNING *) "
+    "INSERT INTO customers AS c (tenant, customer_id, " + ", ".join(_CUSTOMER_STATE + _CUSTOMER_DERIVED) + ") "
+    "SELECT tenant, customer_id, n.* FROM staged CROSS JOIN LATERAL ("
+    + _customer_row(
+        "SELECT staged.tenant, to_timestamp(staged.last_s) AS last_event_at, "
+        "to_timestamp(staged.first_s) AS first_event_at, staged.latest_journey, staged.latest_event_id, "
+        + ", ".join(f"staged.{name}" for name in _CUSTOMER_SUMS)
+        + ", staged.events",
+        "'disengaged'",
+    )
+    + ") n ORDER BY tenant, customer_id "
+    "ON CONFLICT (tenant, customer_id) DO UPDATE SET (" + ", ".join(_CUSTOMER_STATE + _CUSTOMER_DERIVED) + ") = ("
+    + _customer_row(_MERGED_CUSTOMER, "c.quadrant")
+    + ") RETURNING old.quadrant AS previous, new.tenant, new.customer_id, new.quadrant, "
+    + ", ".join(f"new.{name}" for name in _CUSTOMER_STATE)
+)
 
 CUSTOMER_STATE_COLUMNS = (
     "customer_id, last_event_at, first_event_at, latest_journey, latest_event_id, index_gap_sum, "
@@ -294,105 +410,90 @@ CUSTOMER_STATE_COLUMNS = (
 
 def customer_state_from_row(row) -> CustomerState:
     """A customers row (CUSTOMER_STATE_COLUMNS) as the pure state it stores."""
+    return _customer_state(row._mapping)
+
+
+def _customer_state(values: Mapping) -> CustomerState:
     return CustomerState(
-        ref_s=row.last_event_at.timestamp(),
-        index_gap_sum=row.index_gap_sum,
-        index_weight_sum=row.index_weight_sum,
-        trend_gap_sum=row.trend_gap_sum,
-        trend_weight_sum=row.trend_weight_sum,
-        revenue_sum=row.revenue_sum,
-        events=row.events,
-        first_event_s=row.first_event_at.timestamp(),
-        latest_journey=row.latest_journey,
-        latest_event_id=row.latest_event_id,
+        ref_s=values["last_event_at"].timestamp(),
+        index_gap_sum=values["index_gap_sum"],
+        index_weight_sum=values["index_weight_sum"],
+        trend_gap_sum=values["trend_gap_sum"],
+        trend_weight_sum=values["trend_weight_sum"],
+        revenue_sum=values["revenue_sum"],
+        events=values["events"],
+        first_event_s=values["first_event_at"].timestamp(),
+        latest_journey=values["latest_journey"],
+        latest_event_id=values["latest_event_id"],
     )
 
 
 async def _merge_customers(
-    conn: AsyncConnection,
-    tenant: str,
-    deltas: dict[str, CustomerState],
+    batch: _Batch,
+    deltas: dict[str, dict[str, CustomerState]],
     context: ScoringContext,
     now: datetime,
     outcome: BatchOutcome,
 ) -> None:
-    ids = sorted(deltas)
-    rows = await conn.execute(
-        text(
-            f"SELECT {CUSTOMER_STATE_COLUMNS} "
-            "FROM customers WHERE tenant = :tenant AND customer_id = ANY(CAST(:ids AS text[])) "
-            "ORDER BY customer_id FOR UPDATE"
-        ),
-        {"tenant": tenant, "ids": ids},
+    records = [
+        (
+            tenant, customer_id, state.ref_s, state.first_event_s, state.latest_journey, state.latest_event_id,
+            state.index_gap_sum, state.index_weight_sum, state.trend_gap_sum, state.trend_weight_sum,
+            state.revenue_sum, state.events,
+        )  # fmt: skip
+        for tenant, tenant_deltas in deltas.items()
+        for customer_id, state in tenant_deltas.items()
+    ]
+    thresholds = [
+        (tenant, journey_id, journey.experience_threshold, journey.revenue_threshold)
+        for tenant in deltas
+        for journey_id, journey in context.journeys.of(tenant).items()
+    ]
+    await batch.stage("scoring_customers", records)
+    half_lives = context.half_lives
+    rows = await batch.fetch(
+        _MERGE_CUSTOMERS,
+        *(list(column) for column in zip(*thresholds)) if thresholds else ([], [], [], []),
+        now.timestamp(), half_lives.index_s, half_lives.trend_s, half_lives.revenue_s,
     )
-    merged = dict(deltas)
-    previous_quadrants: dict[str, str] = {}
-    for row in rows:
-        stored = customer_state_from_row(row)
-        merged[row.customer_id] = stored.merge(deltas[row.customer_id], context.half_lives)
-        previous_quadrants[row.customer_id] = row.quadrant
-
     now_s = now.timestamp()
-    columns: dict[str, list] = defaultdict(list)
-    for customer_id in ids:
-        state = merged[customer_id]
-        journey = context.journeys.of(tenant).get(state.latest_journey)
-        revenue = state.revenue_at(now_s, context.half_lives.revenue_s)
-        index = state.experience_index
-        current = (
-            quadrant(index, revenue, journey.experience_threshold, journey.revenue_threshold)
-            if journey is not None
-            else previous_quadrants.get(customer_id, "disengaged")
-        )
-        values = {
-            "customer_id": customer_id,
-            "last_event_at": from_epoch_seconds(state.ref_s),
-            "first_event_at": from_epoch_seconds(state.first_event_s),
-            "latest_journey": state.latest_journey,
-            "latest_event_id": state.latest_event_id,
-            "index_gap_sum": state.index_gap_sum,
-            "index_weight_sum": state.index_weight_sum,
-            "trend_gap_sum": state.trend_gap_sum,
-            "trend_weight_sum": state.trend_weight_sum,
-            "revenue_sum": state.revenue_sum,
-            "events": state.events,
-            "experience_index": index,
-            "trend": state.trend,
-            "revenue_rank": revenue_rank(state.revenue_sum, state.ref_s, context.half_lives.revenue_s),
-            "quadrant": current,
-        }
-        for name in _CUSTOMER_COLUMNS:
-            columns[name].append(values[name])
-        outcome.customers[(tenant, customer_id)] = state
-        outcome.quadrants[(tenant, customer_id)] = current
-        previous = previous_quadrants.get(customer_id)
-        if previous != current:
+    for row in rows:
+        key = (row["tenant"], row["customer_id"])
+        state = _customer_state(row)
+        outcome.customers[key] = state
+        outcome.quadrants[key] = current = row["quadrant"]
+        if row["previous"] != current:
             outcome.quadrant_changes.append(
-                QuadrantChange(tenant, customer_id, previous, current, index, revenue, state.latest_journey)
+                QuadrantChange(
+                    *key, row["previous"], current, state.experience_index,
+                    state.revenue_at(now_s, half_lives.revenue_s), state.latest_journey,
+                )  # fmt: skip
             )
-    await conn.execute(_UPSERT_CUSTOMERS, {"tenant": tenant, **columns})
 
 
-async def _store_offsets(conn: AsyncConnection, group_id: str, ranges: list[PartitionRange]) -> None:
+# --------------------------------------------------------------------------------------------
+# Offsets.
+
+_STORE_OFFSETS = (
+    "UPDATE consumer_offsets o SET next_offset = u.next_offset, updated_at = now() "
+    "FROM unnest($2::text[], $3::integer[], $4::bigint[], $5::bigint[]) AS u(topic, partition, expected, next_offset) "
+    "WHERE o.group_id = $1 AND o.topic = u.topic AND o.partition = u.partition "
+    "AND o.next_offset IS NOT DISTINCT FROM u.expected"
+)
+
+
+async def _store_offsets(batch: _Batch, group_id: str, ranges: list[PartitionRange]) -> None:
     if not ranges:
         return
-    result = await conn.execute(
-        text(
-            "UPDATE consumer_offsets o SET next_offset = u.next_offset, updated_at = now() "
-            "FROM unnest(CAST(:topics AS text[]), CAST(:partitions AS integer[]), "
-            "CAST(:expected AS bigint[]), CAST(:next AS bigint[])) AS u(topic, partition, expected, next_offset) "
-            "WHERE o.group_id = :group_id AND o.topic = u.topic AND o.partition = u.partition "
-            "AND o.next_offset IS NOT DISTINCT FROM u.expected"
-        ),
-        {
-            "group_id": group_id,
-            "topics": [item.topic for item in ranges],
-            "partitions": [item.partition for item in ranges],
-            "expected": [item.expected_next_offset for item in ranges],
-            "next": [item.next_offset for item in ranges],
-        },
+    updated = await batch.execute(
+        _STORE_OFFSETS,
+        group_id,
+        [item.topic for item in ranges],
+        [item.partition for item in ranges],
+        [item.expected_next_offset for item in ranges],
+        [item.next_offset for item in ranges],
     )
-    if result.rowcount != len(ranges):
+    if updated != len(ranges):
         raise StaleOffsets(
             f"stored offsets moved for {group_id}: expected {[(r.partition, r.expected_next_offset) for r in ranges]}"
         )

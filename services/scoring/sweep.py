@@ -15,8 +15,9 @@ import math
 from datetime import datetime, timezone
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.core.journeys import Journey
 from services.core.scoring import quadrant
 from services.scoring.consumer import AfterBatch
 from services.scoring.store import (
@@ -37,31 +38,18 @@ async def demote_decayed_customers(
     now = now or datetime.now(timezone.utc)
     now_s = now.timestamp()
     outcome = BatchOutcome(now=now)
+    catalog = context.journeys
+    own = catalog.tenants_with_own_maps
+    # Thresholds differ by tenant once a tenant stores its own maps: each such tenant with its
+    # maps, then all the other tenants with the shipped ones.
+    scopes = [(catalog.of(tenant), "tenant = ANY(CAST(:tenants AS text[]))", [tenant]) for tenant in own]
+    scopes.append((catalog.shipped, "tenant <> ALL(CAST(:tenants AS text[]))", own))
     async with engine.begin() as conn:
-        for journey in context.journeys.shipped.values():
-            if journey.revenue_threshold <= 0:
-                continue  # every revenue is high: nobody can fall below
-            bound = math.log2(journey.revenue_threshold) + now_s / context.half_lives.revenue_s
-            rows = await conn.execute(
-                text(
-                    f"SELECT tenant, {CUSTOMER_STATE_COLUMNS} FROM customers "
-                    "WHERE quadrant IN ('exemplary', 'at_risk') AND latest_journey = :journey "
-                    "AND revenue_rank < :bound ORDER BY tenant, customer_id FOR UPDATE"
-                ),
-                {"journey": journey.id, "bound": bound},
-            )
-            for row in rows:
-                state = customer_state_from_row(row)
-                revenue = state.revenue_at(now_s, context.half_lives.revenue_s)
-                index = state.experience_index
-                current = quadrant(index, revenue, journey.experience_threshold, journey.revenue_threshold)
-                key = (row.tenant, row.customer_id)
-                outcome.customers[key] = state
-                outcome.quadrants[key] = current
-                if current != row.quadrant:
-                    outcome.quadrant_changes.append(
-                        QuadrantChange(row.tenant, row.customer_id, row.quadrant, current, index, revenue, journey.id)
-                    )
+        for journeys, tenant_filter, tenants in scopes:
+            for journey in journeys.values():
+                if journey.revenue_threshold <= 0:
+                    continue  # every revenue is high: nobody can fall below
+                await _demote(conn, context, journey, tenant_filter, tenants, now_s, outcome)
         for change in outcome.quadrant_changes:
             await conn.execute(
                 text(
@@ -73,6 +61,40 @@ async def demote_decayed_customers(
         if after_batch is not None and outcome.quadrant_changes:
             await after_batch(conn, outcome)
     return len(outcome.quadrant_changes)
+
+
+async def _demote(
+    conn: AsyncConnection,
+    context: ScoringContext,
+    journey: Journey,
+    tenant_filter: str,
+    tenants: list[str],
+    now_s: float,
+    outcome: BatchOutcome,
+) -> None:
+    """The customers of `tenants` whose latest journey is `journey` and whose revenue decayed below
+    its threshold: their new quadrant, into `outcome`."""
+    bound = math.log2(journey.revenue_threshold) + now_s / context.half_lives.revenue_s
+    rows = await conn.execute(
+        text(
+            f"SELECT tenant, {CUSTOMER_STATE_COLUMNS} FROM customers "
+            "WHERE quadrant IN ('exemplary', 'at_risk') AND latest_journey = :journey "
+            f"AND revenue_rank < :bound AND {tenant_filter} ORDER BY tenant, customer_id FOR UPDATE"
+        ),
+        {"journey": journey.id, "bound": bound, "tenants": tenants},
+    )
+    for row in rows:
+        state = customer_state_from_row(row)
+        revenue = state.revenue_at(now_s, context.half_lives.revenue_s)
+        index = state.experience_index
+        current = quadrant(index, revenue, journey.experience_threshold, journey.revenue_threshold)
+        key = (row.tenant, row.customer_id)
+        outcome.customers[key] = state
+        outcome.quadrants[key] = current
+        if current != row.quadrant:
+            outcome.quadrant_changes.append(
+                QuadrantChange(row.tenant, row.customer_id, row.quadrant, current, index, revenue, journey.id)
+            )
 
 
 async def keep_quadrants_fresh(

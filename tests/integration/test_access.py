@@ -196,7 +196,7 @@ async def test_every_v1_operation_requires_an_api_key_with_a_scope(create):
                 continue
             (requirement,) = operation["security"]
             assert requirement["apiKey"]
-            assert set(requirement["apiKey"]) <= {"events:write", "scores:read", "alerts:write"}
+            assert set(requirement["apiKey"]) <= {"events:write", "scores:read", "alerts:write", "admin"}
             response = await client.request(method.upper(), re.sub(r"{[^}]+}", "x", path))
             assert response.status_code == 401, (method, path, response.text)
 

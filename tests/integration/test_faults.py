@@ -26,7 +26,7 @@ from sqlalchemy import text
 from services.core.db.engine import create_engine, migrate
 from services.core.embedded import EmbeddedKafka, EmbeddedPostgres
 from services.core.events import TouchpointRecord
-from services.core.journeys import JourneyCatalog, load_journeys
+from services.core.db.journeys import JourneyLoader
 from services.core.kafka import create_producer, ensure_topics
 from services.core.settings import REPO_ROOT
 from services.scoring.consumer import Scorer
@@ -257,7 +257,7 @@ class Member:
     def __init__(self, settings, name: str):
         self.name = name
         self.engine = create_engine(settings.database_url)
-        self.scorer = Scorer(settings, self.engine, JourneyCatalog(load_journeys(settings.journeys_dir)))
+        self.scorer = Scorer(settings, self.engine, JourneyLoader.shipped(settings))
         self.task = asyncio.create_task(self.scorer.run(), name=f"scorer-{name}")
 
     async def leave(self) -> None:
@@ -524,10 +524,11 @@ async def test_events_accepted_around_a_broker_stall_are_scored_exactly_once(req
             async def client(mine: list[list[dict]]) -> None:
                 for batch in mine:
                     await post_until_accepted(ingest, batch, outcomes)
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.1)
 
             clients = [asyncio.create_task(client(batches[n::4])) for n in range(4)]
-            await asyncio.sleep(1.0)
+            # The outage lands mid-stream whatever ingest's speed: after a sixth of the batches.
+            await eventually(lambda: asyncio.sleep(0, result=outcomes.get("202", 0) >= 10), timeout_s=30)
             broker.process.send_signal(signal.SIGSTOP)  # the outage: the broker answers nothing
             await asyncio.sleep(3.0)
             broker.process.send_signal(signal.SIGCONT)

@@ -47,9 +47,9 @@ def ingest_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def settings(kafka: EmbeddedKafka) -> Settings:
-    """Replaces conftest's `settings` here: ingest needs the broker only, not Postgres."""
-    return ingest_settings(kafka.bootstrap_servers)
+def settings(postgres, kafka: EmbeddedKafka) -> Settings:
+    """Replaces conftest's `settings` here: the broker, and Postgres for the journey maps only."""
+    return ingest_settings(kafka.bootstrap_servers, database_url=postgres.url())
 
 
 @asynccontextmanager
@@ -324,11 +324,11 @@ async def test_metrics_count_events_by_result_and_reason(ingest: httpx.AsyncClie
     assert "cem_ingest_produce_duration_seconds_count" in text
 
 
-async def test_while_the_broker_is_down_writes_are_503_and_ingest_recovers_by_itself() -> None:
+async def test_while_the_broker_is_down_writes_are_503_and_ingest_recovers_by_itself(postgres) -> None:
     broker = EmbeddedKafka()
     broker.start()
     restarted: EmbeddedKafka | None = None
-    settings = ingest_settings(broker.bootstrap_servers, producer_timeout_s=1.0)
+    settings = ingest_settings(broker.bootstrap_servers, producer_timeout_s=1.0, database_url=postgres.url())
     try:
         async with running_ingest(settings) as ingest:
             await eventually(lambda: is_ready(ingest), timeout_s=10)
@@ -365,9 +365,9 @@ async def test_while_the_broker_is_down_writes_are_503_and_ingest_recovers_by_it
             restarted.stop()
 
 
-async def test_ingest_starts_without_a_broker_and_connects_when_one_appears() -> None:
+async def test_ingest_starts_without_a_broker_and_connects_when_one_appears(postgres) -> None:
     port = free_port()
-    settings = ingest_settings(f"127.0.0.1:{port}")
+    settings = ingest_settings(f"127.0.0.1:{port}", database_url=postgres.url())
     broker = EmbeddedKafka(port=port)
     try:
         async with running_ingest(settings) as ingest:

@@ -3,13 +3,14 @@ and their at-risk alert resolves, without any new event."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import text
 
 from services.core.db.engine import create_engine
-from services.core.journeys import JourneyCatalog, load_journeys
+from services.core.journeys import JourneyCatalog, JourneyVersion, load_journeys
 from services.core.scoring import HalfLives, ScoredEvent
 from services.scoring.alerts import AlertEvaluator
 from services.scoring.store import ScoringContext, TenantEvent, score_batch
@@ -70,5 +71,39 @@ async def test_decayed_revenue_moves_customers_down_and_resolves_their_at_risk_a
         assert alerts == {"fading-risk": "resolved", "still-risk": "open"}
         # A second sweep finds nothing more to do.
         assert await demote_decayed_customers(engine, context, evaluator, now=now) == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_the_sweep_judges_each_tenant_by_its_own_thresholds(settings):
+    """A tenant that raised car-rental's revenue threshold after its customers were placed: the
+    sweep moves its customers by the new threshold and leaves another tenant's alone."""
+    journeys = load_journeys(settings.journeys_dir)
+    shipped = journeys["car-rental"]
+    catalog = JourneyCatalog(journeys)
+    context = ScoringContext(
+        group_id=settings.scoring_group_id,
+        half_lives=HalfLives(settings.customer_half_life_s, settings.trend_half_life_s, settings.revenue_half_life_s),
+        journeys=catalog,
+    )
+    own, other = f"{settings.tenant}-own", f"{settings.tenant}-other"
+    now = datetime.now(timezone.utc)
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.begin() as conn:
+            batch = [TenantEvent(tenant, event("rich", now, 3.0, shipped.revenue_threshold * 3), now.timestamp())
+                     for tenant in (own, other)]  # fmt: skip
+            outcome = await score_batch(conn, batch, [], context, now)
+        assert {outcome.quadrants[(tenant, "rich")] for tenant in (own, other)} == {"at_risk"}
+
+        raised = replace(shipped, revenue_threshold=shipped.revenue_threshold * 5)
+        catalog.replace([JourneyVersion(own, "car-rental", 1, raised)])
+        assert await demote_decayed_customers(engine, context, None, now=now) == 1
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text("SELECT tenant, quadrant FROM customers WHERE tenant = ANY(:t) AND customer_id = 'rich'"),
+                {"t": [own, other]},
+            )
+            assert dict(rows.all()) == {own: "disengaged", other: "at_risk"}
     finally:
         await engine.dispose()

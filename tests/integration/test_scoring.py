@@ -12,7 +12,8 @@ from sqlalchemy import text
 
 from services.core.db.engine import create_engine
 from services.core.events import TouchpointRecord
-from services.core.journeys import JourneyCatalog, load_journeys
+from services.core.db.journeys import JourneyLoader
+from services.core.journeys import load_journeys
 from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer, ensure_topics, touchpoint_key
 from services.core.scoring import HalfLives, bucket_events, merge_customer_events
 from services.scoring.consumer import Scorer, to_scored_event
@@ -129,7 +130,7 @@ def expected_state(settings, records):
 
 class RunningScorer:
     def __init__(self, settings, engine):
-        self.scorer = Scorer(settings, engine, JourneyCatalog(load_journeys(settings.journeys_dir)))
+        self.scorer = Scorer(settings, engine, JourneyLoader.shipped(settings))
         self.task: asyncio.Task | None = None
 
     async def __aenter__(self):

@@ -34,8 +34,8 @@ def test_windows_up_to_thirty_days_are_accepted(text, minutes):
 def test_other_windows_are_refused_naming_the_parameter(text):
     with pytest.raises(InvalidParameter) as raised:
         parse_window(text)
-    assert raised.value.error["field"] == "window"
-    assert raised.value.error["allowed"] == ["5m", "1h", "24h", "7d", "30d"]
+    assert raised.value.errors[0]["field"] == "window"
+    assert raised.value.errors[0]["allowed"] == ["5m", "1h", "24h", "7d", "30d"]
 
 
 def test_steps_are_at_least_a_minute_at_most_the_window_and_at_most_a_thousand():

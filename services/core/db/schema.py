@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     DateTime,
     Double,
@@ -11,6 +12,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     PrimaryKeyConstraint,
     Table,
     Text,
@@ -76,6 +78,21 @@ stage_buckets = Table(
     PrimaryKeyConstraint("tenant", "journey", "stage", "minute", "touchpoint", "channel"),
 )
 
+
+def _stage_bucket_rollup(name: str, period: str) -> Table:
+    """The stage buckets summed per UTC `period` (migration 0006: kept by triggers on stage_buckets)."""
+    columns = [
+        _timestamp(period, nullable=False) if column.name == "minute" else Column(column.name, column.type, nullable=False)
+        for column in stage_buckets.columns
+    ]
+    return Table(
+        name, metadata, *columns, PrimaryKeyConstraint("tenant", "journey", "stage", period, "touchpoint", "channel")
+    )
+
+
+stage_buckets_hourly = _stage_bucket_rollup("stage_buckets_hourly", "hour")
+stage_buckets_daily = _stage_bucket_rollup("stage_buckets_daily", "day")
+
 customer_stages = Table(
     "customer_stages",
     metadata,
@@ -116,6 +133,25 @@ customers = Table(
     Index("customers_revenue", "tenant", text("revenue_rank DESC"), "customer_id"),
     Index("customers_experience_index", "tenant", "experience_index", "customer_id"),
     Index("customers_last_event", "tenant", "last_event_at", "customer_id"),
+)
+
+# The positioning map's totals per (tenant, latest journey, quadrant, revenue band), kept by
+# statement triggers on customers (migration 0007), so the map reads a handful of rows. A customer
+# adds round(2 ** (revenue_rank - 16 * band + 46)) to the band floor(revenue_rank / 16), so a band
+# is worth revenue_units * 2 ** (16 * band - 46 - now / revenue_half_life) at `now`, and
+# round(experience_index * 2 ** 40) to index_units (services/api/revenue.py). Integer sums:
+# removing a customer subtracts exactly what adding it added, nothing drifts.
+quadrant_totals = Table(
+    "quadrant_totals",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("latest_journey", Text, nullable=False),
+    Column("quadrant", Text, nullable=False),
+    Column("band", BigInteger, nullable=False),
+    Column("customers", BigInteger, nullable=False),
+    Column("index_units", Numeric, nullable=False),
+    Column("revenue_units", Numeric, nullable=False),
+    PrimaryKeyConstraint("tenant", "latest_journey", "quadrant", "band"),
 )
 
 
@@ -198,4 +234,19 @@ api_keys = Table(
     _timestamp("last_used_at", nullable=True),  # as of the last cache miss: within auth_cache_ttl_s
     Index("api_keys_prefix", "prefix", unique=True),
     Index("api_keys_tenant", "tenant", "created_at"),
+)
+
+# Per-tenant journey maps (SPEC 2), append-only: a change is a new version, a retirement a version
+# without a document. Events carry the promise and weight they were scored with, so a new version
+# never rewrites history.
+tenant_journeys = Table(
+    "tenant_journeys",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("journey", Text, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("document", JSONB, nullable=True),
+    _timestamp("created_at", nullable=False, server_default=func.now()),
+    Column("created_by", Text, nullable=True),
+    CheckConstraint("version >= 1", name="tenant_journeys_version_positive"),
 )
