@@ -23,6 +23,9 @@ FIRST_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 2.0
+# Requests of at most this many records share the producer's batches with other requests; larger
+# ones build batches of their own (one per partition), which costs less per record.
+SHARED_BATCH_RECORDS = 16
 PARTITION_CACHE_KEYS = 100_000  # ~20 MB at most; a customer's events keep hitting its entry
 
 
@@ -129,11 +132,20 @@ class TouchpointProducer:
             # the producer's queue too), not a timer and a task per record.
             async with asyncio.timeout(self._settings.producer_timeout_s):
                 partitions = sorted(await producer.partitions_for(topic))
-                for partition, batch in _batches(producer, partitions, records):
-                    delivery = await producer.send_batch(batch, topic, partition=partition)
+                if len(records) <= SHARED_BATCH_RECORDS:
+                    # A few records join the producer's open batches, shared with other requests:
+                    # one round trip to the broker then carries many single-event requests.
+                    for record in records:
+                        deliveries.append(await producer.send(
+                            topic, record.value, key=record.key, partition=partition_for(record.key, partitions),
+                            headers=[TOUCHPOINT_SCHEMA_HEADER],
+                        ))  # fmt: skip
+                else:
+                    for partition, batch in _batches(producer, partitions, records):
+                        deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+                for delivery in deliveries:
                     # If this request gives up first, a later failure is not "never retrieved".
                     delivery.add_done_callback(_retrieve)
-                    deliveries.append(delivery)
                 await asyncio.gather(*deliveries)
         except (KafkaError, TimeoutError) as error:
             self._trouble.set()
