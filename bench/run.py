@@ -19,16 +19,18 @@ import time
 import traceback
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 
 import asyncpg
 import httpx
 import orjson
+from sqlalchemy.dialects import postgresql
 
 from bench import data
 from bench.stack import REPO_ROOT, Service, Stack, cpu_seconds, create_topic, new_work_dir, postgres_cpu_seconds, ready
+from services.api.buckets import Window, stage_sums_query
 
 BENCH_DIR = Path(__file__).resolve().parent
 PEER_VENV = BENCH_DIR / ".peer-venv"
@@ -861,28 +863,19 @@ class Bench:
         )
 
     async def explain_api(self, tenant: str) -> None:
-        """The plans of the two slow reads, as the API issues them (services/api/buckets.py,
-        positioning.py), for the profile evidence."""
+        """The plans of the two aggregate reads, compiled from the statements the API builds
+        (services/api/buckets.py, positioning.py), for the profile evidence."""
         journey = self.journeys["car-rental"]
-        bins = ", ".join(f"coalesce(sum(gap_histogram[{index}]), 0)::bigint" for index in range(1, 41))
+        window = Window.ending_at(datetime.now(timezone.utc), timedelta(days=30))
+        stages = stage_sums_query(tenant, journey.id, journey.stage_ids, window)
         await self.explain(
-            "stages_30d",
-            "SELECT stage, sum(events)::bigint, sum(shortfall_events)::bigint, sum(promise_kept_events)::bigint, "
-            "sum(negative_emotion_events)::bigint, sum(expectation_sum), sum(expectation_sq_sum), sum(experience_sum), "
-            f"sum(experience_sq_sum), sum(gap_sum), sum(gap_sq_sum), sum(revenue_sum), ARRAY[{bins}] "
-            "FROM stage_buckets WHERE tenant = $1 AND journey = $2 AND stage = ANY($3::text[]) "
-            "AND minute >= date_trunc('minute', now() - interval '30 days') GROUP BY stage",
-            tenant,
-            journey.id,
-            journey.stage_ids,
+            "stages_30d", str(stages.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
         )
         await self.explain(
             "positioning_map",
-            "SELECT quadrant, count(*), sum(revenue_sum * power(2.0::float8, greatest(least(extract(epoch FROM "
-            "last_event_at - now())::float8, 0.0) / $2::float8, -1000.0))), avg(experience_index) "
-            "FROM customers WHERE tenant = $1 GROUP BY quadrant",
+            "SELECT quadrant, band, customers, index_units::float8, revenue_units::float8 "
+            "FROM quadrant_totals WHERE tenant = $1",
             tenant,
-            90 * 86400.0,
         )
 
     # -- the run -----------------------------------------------------------------------------------
