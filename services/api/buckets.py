@@ -10,21 +10,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 
 from sqlalchemy import (
     ARRAY,
     BigInteger,
     ColumnCollection,
     ColumnElement,
-    Select,
     DateTime,
     Interval,
+    Select,
     bindparam,
     cast,
     func,
+    literal_column,
     select,
 )
-from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.core.bucket_windows import series_ranges, window_ranges
@@ -43,13 +44,15 @@ def _bucket_sums(table: ColumnCollection) -> list[ColumnElement]:
     # sum(bigint) is numeric in Postgres: cast the counts back to bigint.
     counts = [cast(func.sum(table[name]), BigInteger).label(name) for name in _COUNTS]
     sums = [func.sum(table[name]).label(name) for name in _SUMS]
-    # The histogram element by element (Postgres arrays are 1-based), in the same single pass.
-    bins = [
-        cast(func.coalesce(func.sum(table.gap_histogram[index]), 0), BigInteger)
-        for index in range(1, GAP_HISTOGRAM_BINS + 1)
-    ]
-    histogram = cast(array(bins), ARRAY(BigInteger)).label("gap_histogram")
-    return [*counts, *sums, histogram]
+    return [*counts, *sums, _histogram_sum(table.gap_histogram.table.name)]
+
+
+@cache
+def _histogram_sum(alias: str) -> ColumnElement:
+    """The histogram summed element by element (Postgres arrays are 1-based), in the same pass.
+    SQL text built once: as 40 SQLAlchemy expressions it took ~3 ms of every request to build."""
+    bins = ", ".join(f"coalesce(sum({alias}.gap_histogram[{i}]), 0)::bigint" for i in range(1, GAP_HISTOGRAM_BINS + 1))
+    return literal_column(f"ARRAY[{bins}]::bigint[]", ARRAY(BigInteger)).label("gap_histogram")
 
 
 def _stage_bucket(row) -> StageBucket:

@@ -29,6 +29,11 @@ from jsonschema import Draft202012Validator
 from schemathesis import GenerationMode
 from schemathesis.checks import response_schema_conformance
 
+# schemathesis imports its OpenAPI modules lazily, at the first from_dict(). Done there, pytest's
+# assertion rewriting parses them while the servers' threads run, which hits CPython 3.11's
+# "AST constructor recursion depth mismatch" (python/cpython#106905): import them at collection.
+import schemathesis.specs.openapi.schemas  # noqa: E402, F401
+
 from services.api.app import create_app as create_api
 from services.core.db.api_keys import create_key
 from services.core.db.engine import create_engine
