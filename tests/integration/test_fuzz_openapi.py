@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -20,7 +21,6 @@ import httpx
 import orjson
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -29,18 +29,12 @@ from jsonschema import Draft202012Validator
 from schemathesis import GenerationMode
 from schemathesis.checks import response_schema_conformance
 
-# schemathesis imports its OpenAPI modules lazily, at the first from_dict(). Done there, pytest's
-# assertion rewriting parses them while the servers' threads run, which hits CPython 3.11's
-# "AST constructor recursion depth mismatch" (python/cpython#106905): import them at collection.
-import schemathesis.specs.openapi.schemas  # noqa: E402, F401
-
-from services.api.app import create_app as create_api
 from services.core.db.api_keys import create_key
 from services.core.db.engine import create_engine
-from services.core.embedded import free_port
-from services.ingest.app import create_app as create_ingest
+from services.core.embedded import free_port, wait_for_port
 from services.ingest.openapi import EVENT_SCHEMA
 from tests.conftest import make_settings
+from tests.faults.support import service_env
 from tests.integration.test_ingest import topic_event_ids
 
 pytestmark = pytest.mark.integration
@@ -49,29 +43,23 @@ CASES_PER_MODE = 15  # per operation: 15 valid and 15 invalid requests
 NEGATIVE_BODY_LIMIT = 64 * 1024
 
 
-class ServerThread:
-    """An app under uvicorn on a free loopback port, in its own thread and event loop, so that the
-    synchronous fuzzers can call it while it serves."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5)
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
+@contextmanager
+def service_process(name: str, settings):
+    """One service as its own process on a free loopback port, as production runs it. Not a thread
+    of this process: with servers in threads, the fuzzers' `ast.parse` calls (pytest's assertion
+    rewriting of lazily imported modules, hypothesis describing lambdas) hit CPython 3.11's
+    "AST constructor recursion depth mismatch" (python/cpython#106905)."""
+    port = free_port()
+    env = service_env(settings, CEM_RATE_LIMIT_PER_S="0", **{f"CEM_{name.upper()}_PORT": str(port)})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port, 60, process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 @contextmanager
@@ -87,12 +75,12 @@ def fuzz_stack(postgres, kafka):
             await engine.dispose()
 
     key = asyncio.run(new_key())
-    with ServerThread(create_ingest(settings)) as ingest, ServerThread(create_api(settings)) as api:
+    with service_process("ingest", settings) as ingest_url, service_process("api", settings) as api_url:
         deadline = time.monotonic() + 30
-        while httpx.get(f"{ingest.url}/readyz").status_code != 200:
+        while httpx.get(f"{ingest_url}/readyz").status_code != 200:
             assert time.monotonic() < deadline, "ingest not ready"
             time.sleep(0.1)
-        yield settings, {"Authorization": f"Bearer {key}"}, ingest.url, api.url
+        yield settings, {"Authorization": f"Bearer {key}"}, ingest_url, api_url
 
 
 @pytest.fixture(scope="module")
