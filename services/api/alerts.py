@@ -43,7 +43,6 @@ from services.api.parameters import (
     parse_order,
 )
 from services.core.alerting import (
-    CUSTOMER_KINDS,
     KINDS,
     SEVERITIES,
     STATUSES,
@@ -120,21 +119,6 @@ _COLUMNS = [
 
 def _alert(row) -> Alert:
     return Alert(**alert_document(row))
-
-
-async def open_customer_alerts(connection, tenant: str, customer_id: str) -> list[Alert]:
-    """The customer's alerts that are not resolved (the customer view's `open_alerts`)."""
-    rows = await connection.execute(
-        select(*_COLUMNS)
-        .where(
-            alerts.c.tenant == tenant,
-            alerts.c.subject == customer_id,
-            alerts.c.kind.in_(CUSTOMER_KINDS),
-            alerts.c.status != "resolved",
-        )
-        .order_by(alerts.c.opened_at, alerts.c.id)
-    )
-    return [_alert(row) for row in rows]
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,9 +28,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.producer = producer
         # Connecting in the background lets the service start (and report 503) while the broker is down.
         connecting = asyncio.create_task(producer.run(), name="ingest-producer")
-        # The tenants' own journey maps, re-read every journeys_refresh_s; the last ones are kept
-        # through a database outage.
-        engine = create_engine(settings.database_url, pool_size=1)
+        # One small pool for the key lookups and the tenants' journey maps (re-read every
+        # journeys_refresh_s; the last ones are kept through a database outage).
+        engine = create_engine(settings.database_url, pool_size=2)
+        if app.state.access.resolver is not None:
+            app.state.access.resolver.use_engine(engine)
         await loader.load_at_start(engine)
         refreshing = asyncio.create_task(loader.keep_fresh(engine), name="journey-maps")
         try:

@@ -37,7 +37,7 @@ def create_app(settings: Settings) -> FastAPI:
         webhook = WebhookAlerts(settings) if settings.alert_webhook_url else None
         helpers = [
             asyncio.create_task(keep_gauges_fresh(engine, settings), name="domain-gauges"),
-            # Batches refresh the journey maps too; this keeps them fresh for the timers while idle.
+            # The tenants' journey maps, re-read every journeys_refresh_s, for the batches and the timers.
             asyncio.create_task(journeys.keep_fresh(engine), name="journey-maps"),
             asyncio.create_task(
                 keep_stage_alerts_fresh(

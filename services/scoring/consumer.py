@@ -441,8 +441,10 @@ class Scorer:
 
         now = time.time()
         async with self.engine.begin() as conn:
-            # The tenants' own journey maps, re-read when older than journeys_refresh_s (one small query).
-            await self.journeys.refresh_if_stale(conn)
+            # The tenants' own journey maps: read here once (scoring must not judge by maps it has
+            # not read); the scoring app's journey-maps task keeps them fresh from then on.
+            if not self.journeys.catalog.loaded:
+                await self.journeys.refresh(conn)
             outcome = await score_batch(conn, events, ranges, self.context, datetime.fromtimestamp(now, timezone.utc))
             if self.after_batch is not None:
                 await self.after_batch(conn, outcome)

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.embedded import free_port
+from services.core.embedded import free_port, wait_for_port
 from services.core.events import TouchpointRecord
 from services.core.settings import REPO_ROOT, Settings
 from tests.integration.test_scoring import produce
@@ -47,6 +49,23 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update(extra)
     return env
 
+
+
+@contextmanager
+def service_process(name: str, settings: Settings, port: int | None = None, **extra_env: str) -> Iterator[str]:
+    """One service (`ingest`, `api`, `scoring`) as its own process on a loopback port, as production
+    runs it (its own metrics registry, no threads shared with the test); yields its URL."""
+    port = port or free_port()
+    env = service_env(settings, **{f"CEM_{name.upper()}_PORT": str(port)}, **extra_env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port, 60, process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(30)
 
 class ScoringProcess:
     """`python -m services.cli scoring` as a child process, with its log in a file."""

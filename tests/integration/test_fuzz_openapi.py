@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -31,35 +29,15 @@ from schemathesis.checks import response_schema_conformance
 
 from services.core.db.api_keys import create_key
 from services.core.db.engine import create_engine
-from services.core.embedded import free_port, wait_for_port
 from services.ingest.openapi import EVENT_SCHEMA
 from tests.conftest import make_settings
-from tests.faults.support import service_env
+from tests.faults.support import service_process
 from tests.integration.test_ingest import topic_event_ids
 
 pytestmark = pytest.mark.integration
 
 CASES_PER_MODE = 15  # per operation: 15 valid and 15 invalid requests
 NEGATIVE_BODY_LIMIT = 64 * 1024
-
-
-@contextmanager
-def service_process(name: str, settings):
-    """One service as its own process on a free loopback port, as production runs it. Not a thread
-    of this process: with servers in threads, the fuzzers' `ast.parse` calls (pytest's assertion
-    rewriting of lazily imported modules, hypothesis describing lambdas) hit CPython 3.11's
-    "AST constructor recursion depth mismatch" (python/cpython#106905)."""
-    port = free_port()
-    env = service_env(settings, CEM_RATE_LIMIT_PER_S="0", **{f"CEM_{name.upper()}_PORT": str(port)})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_for_port(port, 60, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 @contextmanager
@@ -75,6 +53,9 @@ def fuzz_stack(postgres, kafka):
             await engine.dispose()
 
     key = asyncio.run(new_key())
+    # The services as their own processes, not threads of this one: with servers in threads, the
+    # fuzzers' `ast.parse` calls (pytest's assertion rewriting, hypothesis describing lambdas) hit
+    # CPython 3.11's "AST constructor recursion depth mismatch" (python/cpython#106905).
     with service_process("ingest", settings) as ingest_url, service_process("api", settings) as api_url:
         deadline = time.monotonic() + 30
         while httpx.get(f"{ingest_url}/readyz").status_code != 200:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import tempfile
 from contextlib import ExitStack
 from datetime import datetime, timezone
@@ -18,26 +17,9 @@ import yaml
 
 from services.core.embedded import free_port, wait_for_port
 from tests.deploy.deploy_support import GRAFANA_DIR, RULES, find_tool, metric_names, substitute_grafana_variables
-from tests.faults.support import service_env
+from tests.faults.support import service_process
 
 pytestmark = pytest.mark.integration
-
-
-def start_service(name: str, settings, ports: dict, stack) -> str:
-    """One service as its own process, as production runs it (its own metrics registry)."""
-    env = service_env(
-        settings,
-        CEM_AUTH_DISABLED="true",  # loopback; the test posts as CEM_TENANT without a key
-        CEM_METRICS_REFRESH_S="1",
-        **{f"CEM_{name.upper()}_PORT": str(ports[name])},
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    stack.callback(process.wait, 30)
-    stack.callback(process.terminate)
-    wait_for_port(ports[name], 60, process)
-    return f"http://127.0.0.1:{ports[name]}"
 
 
 # Which process must export which metric (names as queried by the rules and dashboards).
@@ -65,9 +47,12 @@ async def test_prometheus_scrapes_every_series_the_rules_and_dashboards_use(sett
         pytest.fail("the prometheus binary is missing: apt-get install prometheus (Debian)")
     ports = {name: free_port() for name in ("ingest", "api", "scoring", "prometheus")}
     with ExitStack() as stack:
-        ingest_url = start_service("ingest", settings, ports, stack)
-        api_url = start_service("api", settings, ports, stack)
-        start_service("scoring", settings, ports, stack)
+        # Loopback: the test posts as CEM_TENANT without a key.
+        env = {"CEM_AUTH_DISABLED": "true", "CEM_METRICS_REFRESH_S": "1"}
+        ingest_url, api_url, _ = (
+            stack.enter_context(service_process(name, settings, ports[name], **env))
+            for name in ("ingest", "api", "scoring")
+        )
 
         workdir = Path(tempfile.mkdtemp(prefix="cem-prometheus-"))
         config = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -89,15 +88,11 @@ class JourneyLoader:
         self.catalog = catalog
         self.refresh_s = refresh_s
         self._parsed: dict[tuple[str, str, int], Journey | None] = {}
-        self._loaded_at: float | None = None
 
     @classmethod
     def shipped(cls, settings: Settings) -> JourneyLoader:
         """A loader over the shipped maps of CEM_JOURNEYS_DIR (raises JourneyError on a broken map)."""
         return cls(JourneyCatalog(load_journeys(settings.journeys_dir)), settings.journeys_refresh_s)
-
-    def is_stale(self) -> bool:
-        return self._loaded_at is None or time.monotonic() - self._loaded_at >= self.refresh_s
 
     async def refresh(self, conn: AsyncConnection) -> None:
         rows = list(await conn.execute(_LATEST))
@@ -121,11 +116,6 @@ class JourneyLoader:
                     log.error("stored journey skipped: %s", error)
         latest = [_version(row, self._parsed[key]) for row, key in zip(rows, keys) if key in self._parsed]
         self.catalog.replace(latest)
-        self._loaded_at = time.monotonic()
-
-    async def refresh_if_stale(self, conn: AsyncConnection) -> None:
-        if self.is_stale():
-            await self.refresh(conn)
 
     async def refresh_with(self, engine: AsyncEngine) -> None:
         async with engine.connect() as conn:
