@@ -16,8 +16,15 @@ $(BIN)/.installed: pyproject.toml
 dev: $(BIN)/.installed
 	$(BIN)/cem dev --simulate
 
+# The OpenAPI fuzz test runs in a fresh interpreter of its own: after the rest of the suite,
+# CPython 3.11.7's AST state can be left unbalanced (python/cpython#106905), and the fuzzers'
+# ast.parse calls (pytest's assertion rewriting, hypothesis describing lambdas) then fail with
+# "AST constructor recursion depth mismatch". Run on its own, it passes.
+FUZZ_TEST := tests/integration/test_fuzz_openapi.py
+
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=$(FUZZ_TEST)
+	$(BIN)/python -m pytest $(FUZZ_TEST)
 
 test-unit: $(BIN)/.installed
 	$(BIN)/python -m pytest tests/unit
