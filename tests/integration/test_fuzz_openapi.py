@@ -53,9 +53,8 @@ def fuzz_stack(postgres, kafka):
             await engine.dispose()
 
     key = asyncio.run(new_key())
-    # The services as their own processes, not threads of this one: with servers in threads, the
-    # fuzzers' `ast.parse` calls (pytest's assertion rewriting, hypothesis describing lambdas) hit
-    # CPython 3.11's "AST constructor recursion depth mismatch" (python/cpython#106905).
+    # The services as their own processes, as production runs them. (`make test` also runs this
+    # file in an interpreter of its own: see the Makefile on CPython 3.11's AST bug.)
     with service_process("ingest", settings) as ingest_url, service_process("api", settings) as api_url:
         deadline = time.monotonic() + 30
         while httpx.get(f"{ingest_url}/readyz").status_code != 200:
