@@ -46,6 +46,9 @@ class Result:
     statuses: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    # Open loop: how late the generator itself started each request (its own scheduling, not the
+    # server's): if this tail is near the latency's, the tail is the generator or the machine.
+    start_lags: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     client_cpu_s: float = 0.0
     first_error_body: str | None = None
@@ -167,6 +170,8 @@ async def run(spec: Spec) -> Result:
         tasks: set[asyncio.Task] = set()
 
         async def send(raw: bytes, events: int, due: float) -> None:
+            if due >= measure_from:
+                result.start_lags.append(clock() - due)
             connection = await pool.get()
             try:
                 status, body = await connection.request(raw)
@@ -219,6 +224,10 @@ def main() -> None:
     latencies = sorted(summary.pop("latencies"))
     summary["latency_s"] = {name: _quantile(latencies, q) for name, q in QUANTILES.items()}
     summary["latency_s"]["max"] = latencies[-1] if latencies else None
+    lags = sorted(summary.pop("start_lags"))
+    if lags:
+        summary["start_lag_ms"] = {name: 1000 * _quantile(lags, q) for name, q in QUANTILES.items()}
+        summary["start_lag_ms"]["max"] = 1000 * lags[-1]
     os.set_blocking(sys.stdout.fileno(), True)  # the event loop may have left it non-blocking
     sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")
     sys.stdout.flush()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import re
@@ -29,10 +31,16 @@ def _setup_logging() -> None:
     setup_logging(Settings())
 
 
+# Young-generation threshold of the cyclic GC while serving (CPython's default is 700): a request's
+# short-lived objects then mostly die before a collection promotes them.
+GC_GEN0_THRESHOLD = 20_000
+
+
 def _serve(app_factory, host: str, port: int) -> None:
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
-    uvicorn.run(
+    config = uvicorn.Config(
         app_factory,
         host=host,
         port=port,
@@ -42,6 +50,23 @@ def _serve(app_factory, host: str, port: int) -> None:
         access_log=False,
         timeout_graceful_shutdown=30,
     )
+    config.load()  # imports the server's protocol modules, so that the freeze below covers them
+    _freeze_heap()
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+        server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def _freeze_heap() -> None:
+    """Keep the objects of start-up (modules, the app, the journey maps: ~125k) out of the cyclic
+    GC: a full collection otherwise walks all of them, 100-200 ms with the event loop stopped,
+    which was the p99 of every service under load. Collections of the rest stay cheap."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 @app.command()

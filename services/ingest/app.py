@@ -15,7 +15,7 @@ from services.core.db.journeys import JourneyLoader
 from services.core.metrics import INGEST_REQUEST_DURATION
 from services.core.settings import Settings
 from services.ingest.producer import TouchpointProducer
-from services.ingest.routes import add_routes
+from services.ingest.routes import add_routes, direct_routes
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -53,4 +53,5 @@ def create_app(settings: Settings) -> FastAPI:
     install_access(app, settings)
     install_common(app, INGEST_REQUEST_DURATION, settings)
     add_routes(app.router)
+    app.state.direct_routes.update(direct_routes(app.router))
     return app

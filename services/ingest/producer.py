@@ -12,6 +12,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
+from services.core.deadlines import Deadlines
 from services.core.events import EncodedRecord
 from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer, ensure_topics
 from services.core.metrics import INGEST_PENDING_EVENTS, INGEST_PRODUCE_DURATION
@@ -55,6 +56,9 @@ class TouchpointProducer:
 
     def __init__(self, settings: Settings):
         self._settings = settings
+        self._deadlines = Deadlines(settings.producer_timeout_s)
+        # The gauge reads the count when scraped: no lock taken twice per request to set it.
+        INGEST_PENDING_EVENTS.set_function(lambda: self.pending_events)
         self._producer: AIOKafkaProducer | None = None
         # Set when a write or a readiness check failed: `run()` then checks the topics again,
         # because a broker that restarted empty (the dev broker keeps topics in memory) lost them.
@@ -116,12 +120,10 @@ class TouchpointProducer:
         if self.pending_events and self.pending_events + len(records) > limit:
             raise Overloaded(f"{self.pending_events} events wait for the broker (at most {limit})")
         self.pending_events += len(records)
-        INGEST_PENDING_EVENTS.set(self.pending_events)
         try:
             await self._send_all(producer, records)
         finally:
             self.pending_events -= len(records)
-            INGEST_PENDING_EVENTS.set(self.pending_events)
 
     async def _send_all(self, producer: AIOKafkaProducer, records: list[EncodedRecord]) -> None:
         started = time.perf_counter()
@@ -130,7 +132,7 @@ class TouchpointProducer:
         try:
             # One deadline for the whole request (it covers waiting for metadata and for room in
             # the producer's queue too), not a timer and a task per record.
-            async with asyncio.timeout(self._settings.producer_timeout_s):
+            async with self._deadlines.within():
                 partitions = sorted(await producer.partitions_for(topic))
                 if len(records) <= SHARED_BATCH_RECORDS:
                     # A few records join the producer's open batches, shared with other requests:
@@ -146,7 +148,10 @@ class TouchpointProducer:
                 for delivery in deliveries:
                     # If this request gives up first, a later failure is not "never retrieved".
                     delivery.add_done_callback(_retrieve)
-                await asyncio.gather(*deliveries)
+                if len(deliveries) == 1:  # one event: no gathering future and its callbacks
+                    await deliveries[0]
+                else:
+                    await asyncio.gather(*deliveries)
         except (KafkaError, TimeoutError) as error:
             self._trouble.set()
             raise BrokerUnavailable(f"writing {len(records)} records failed: {error!r}") from None
