@@ -16,7 +16,7 @@ from pydantic import (
 )  # fmt: skip
 from pydantic_core import PydanticCustomError
 
-from services.core.journeys import Journey
+from services.core.journeys import Journey, Stage
 from services.core.kafka import touchpoint_key
 
 # The schema's patterns end in `$(?!\n)` because Python's `re` (python-jsonschema) also lets `$`
@@ -237,12 +237,14 @@ def validate_event(payload: Any, context: ValidationContext) -> TouchpointRecord
 
     Raises EventInvalid with every error found, each naming its field.
     """
-    return TouchpointRecord(**_record_fields(_parse_event(payload), context))
+    event = _parse_event(payload)
+    occurred_at, stage, scale = _accepted(event, context)
+    return TouchpointRecord(**_record_fields(event, context, stage, scale, occurred_at, context.now))
 
 
 def encode_event(payload: Any, context: ValidationContext) -> EncodedRecord:
     """validate_event, returning the record as ingest writes it (its key and JSON). Raises EventInvalid."""
-    return _encode(_record_fields(_parse_event(payload), context), _json_datetime(context.now))
+    return _encode(_parse_event(payload), context, _json_datetime(context.now))
 
 
 _EVENT_LIST = TypeAdapter(list[TouchpointEvent])
@@ -273,7 +275,7 @@ def encode_events(payloads: list[Any], context: ValidationContext) -> list[Encod
             outcomes.append(event)
             continue
         try:
-            outcomes.append(_encode(_record_fields(event, context), received_at))
+            outcomes.append(_encode(event, context, received_at))
         except EventInvalid as invalid:
             outcomes.append(invalid)
     return outcomes
@@ -286,13 +288,17 @@ def _parse_event(payload: Any) -> TouchpointEvent:
         raise EventInvalid(_structural_errors(error.errors(include_url=False, include_input=False))) from None
 
 
-def _encode(fields: dict[str, Any], received_at: str) -> EncodedRecord:
+def _encode(event: TouchpointEvent, context: ValidationContext, received_at: str) -> EncodedRecord:
+    occurred_at, stage, scale = _accepted(event, context)
     # The datetimes as text: orjson's own formatting of an aware datetime costs more than the rest
     # of the record, and received_at is the same for the whole request.
-    fields["occurred_at"] = _json_datetime(fields["occurred_at"])
-    fields["received_at"] = received_at
-    key = touchpoint_key(fields["tenant"], fields["customer_id"])
-    return EncodedRecord(event_id=fields["event_id"], key=key, value=orjson.dumps(fields))
+    occurred_at_text = _json_occurred_at(event.occurred_at, occurred_at)
+    fields = _record_fields(event, context, stage, scale, occurred_at_text, received_at)
+    key = touchpoint_key(context.tenant, event.customer_id)
+    # A copy of orjson's bytes: they sit in a 1 KiB malloc block shrunk in place, and glibc hands
+    # the freed blocks of each batch back to the OS, so that the next batch's records fault in
+    # fresh pages. The copy (~400 bytes) comes from Python's allocator: 1.0 µs a record, not 3.6.
+    return EncodedRecord(event.event_id, key, bytes(memoryview(orjson.dumps(fields))))
 
 
 def _json_datetime(moment: datetime) -> str:
@@ -301,12 +307,49 @@ def _json_datetime(moment: datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
-def _record_fields(event: TouchpointEvent, context: ValidationContext) -> dict[str, Any]:
-    """The rules the schema cannot state (journeys, clock, a custom scale, attribute bytes), then
-    the record's fields in TouchpointRecord's order. Raises EventInvalid with every error found."""
-    errors: list[FieldError] = []
+def _json_occurred_at(text: str, moment: datetime) -> str:
+    """_json_datetime(moment) for `text`, the RFC3339_PATTERN string `moment` was parsed from: the
+    text itself (Z for a zero offset) when it is written that way already, the common case, as
+    datetime.isoformat costs more than the rest of the record's fields."""
+    if text[10] == "T":
+        size = len(text)  # with no fraction or 6 digits that isoformat writes as they are
+        if size == 20 or (size == 27 and moment.microsecond):  # ...SS[.ffffff]Z
+            if text[-1] == "Z":
+                return text
+        elif size == 25 or (size == 32 and moment.microsecond):  # ...SS[.ffffff]+HH:MM
+            if text[-6] in "+-":
+                return text[:-6] + "Z" if text.endswith("00:00") else text
+    return _json_datetime(moment)
+
+
+def _accepted(event: TouchpointEvent, context: ValidationContext) -> tuple[datetime, Stage, Scale]:
+    """occurred_at, the stage and the scale of an event that passes the rules the schema cannot
+    state (journeys, clock, a custom scale, attribute bytes); EventInvalid with every error otherwise."""
     try:
         occurred_at = parse_occurred_at(event.occurred_at)
+    except ValueError:
+        raise EventInvalid(_rule_errors(event, context)) from None
+    journey = context.journeys.get(event.journey)
+    stage = None if journey is None else journey.stage(event.stage)
+    age_s = (context.now - occurred_at).total_seconds()
+    # The common case in few steps: the model already bounded the scores to 0-10 without a scale.
+    if (
+        stage is None
+        or not -context.max_future_skew_s <= age_s <= context.max_event_age_s
+        or event.scale is not None
+        or (event.attributes is not None and len(orjson.dumps(event.attributes)) > MAX_ATTRIBUTES_BYTES)
+    ):
+        errors = _rule_errors(event, context)
+        if errors:
+            raise EventInvalid(errors)
+    return occurred_at, stage, event.scale or DEFAULT_SCALE  # type: ignore[return-value]
+
+
+def _rule_errors(event: TouchpointEvent, context: ValidationContext) -> list[FieldError]:
+    """Every error of the rules the schema cannot state, in the order of the record's fields."""
+    errors: list[FieldError] = []
+    try:
+        occurred_at: datetime | None = parse_occurred_at(event.occurred_at)
     except ValueError:
         occurred_at = None
         errors.append(FieldError("occurred_at", "is not a real date and time", ALLOWED["occurred_at"]))
@@ -326,7 +369,6 @@ def _record_fields(event: TouchpointEvent, context: ValidationContext) -> dict[s
         )
 
     journey = context.journeys.get(event.journey)
-    stage = None
     if journey is None:
         errors.append(
             FieldError(
@@ -335,17 +377,15 @@ def _record_fields(event: TouchpointEvent, context: ValidationContext) -> dict[s
                 sorted(context.journeys),
             )
         )
-    else:
-        stage = journey.stage(event.stage)
-        if stage is None:
-            errors.append(
-                FieldError(
-                    "stage",
-                    f"unknown stage '{event.stage}' in journey '{journey.id}'; "
-                    f"known stages: {', '.join(journey.stage_ids)}",
-                    journey.stage_ids,
-                )
+    elif journey.stage(event.stage) is None:
+        errors.append(
+            FieldError(
+                "stage",
+                f"unknown stage '{event.stage}' in journey '{journey.id}'; "
+                f"known stages: {', '.join(journey.stage_ids)}",
+                journey.stage_ids,
             )
+        )
 
     scale = event.scale or DEFAULT_SCALE
     if event.scale is not None and not scale.min < scale.max:
@@ -362,35 +402,39 @@ def _record_fields(event: TouchpointEvent, context: ValidationContext) -> dict[s
         size = len(orjson.dumps(event.attributes))
         if size > MAX_ATTRIBUTES_BYTES:
             errors.append(FieldError("attributes", f"is {size} bytes as JSON", ALLOWED["attributes"]))
+    return errors
 
-    if errors or stage is None or occurred_at is None:
-        raise EventInvalid(errors)
 
-    experience = _normalise_score(event.experience, scale)
+def _record_fields(
+    event: TouchpointEvent, context: ValidationContext, stage: Stage, scale: Scale, occurred_at: Any, received_at: Any
+) -> dict[str, Any]:
+    """The record's fields of an accepted event, in TouchpointRecord's order."""
     expectation = stage.promise if event.expectation is None else _normalise_score(event.expectation, scale)
-    return dict(
-        tenant=context.tenant,
-        event_id=event.event_id,
-        occurred_at=occurred_at,
-        received_at=context.now,
-        customer_id=event.customer_id,
-        journey=event.journey,
-        stage=event.stage,
-        touchpoint=event.touchpoint,
-        channel=event.channel,
-        source=event.source,
-        experience=_clamp_score(experience),
-        expectation=_clamp_score(expectation),
-        promise=stage.promise,
-        weight=stage.weight,
-        emotion=event.emotion,
-        revenue=event.revenue,
-        attributes=event.attributes,
-    )
+    return {
+        "tenant": context.tenant,
+        "event_id": event.event_id,
+        "occurred_at": occurred_at,
+        "received_at": received_at,
+        "customer_id": event.customer_id,
+        "journey": event.journey,
+        "stage": event.stage,
+        "touchpoint": event.touchpoint,
+        "channel": event.channel,
+        "source": event.source,
+        "experience": _clamp_score(_normalise_score(event.experience, scale)),
+        "expectation": _clamp_score(expectation),
+        "promise": stage.promise,
+        "weight": stage.weight,
+        "emotion": event.emotion,
+        "revenue": event.revenue,
+        "attributes": event.attributes,
+    }
 
 
 def _clamp_score(value: float) -> float:
     # Normalisation can leave 10.000000000000002 behind; the range was checked on the raw scale.
+    if 0.0 < value < 10.0:  # the common case, without the calls below (same result)
+        return value
     return min(10.0, max(0.0, value)) if math.isfinite(value) else value
 
 
