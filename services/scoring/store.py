@@ -300,8 +300,9 @@ async def _add_stage_buckets(batch: _Batch, by_tenant: dict[str, list[ScoredEven
 def _decay(from_time: str, to_time: str, half_life: str) -> str:
     """decay_factor() in SQL: the same float operations on the same epoch seconds. Postgres
     raises an error where Python's power underflows to 0, so a factor below the smallest normal
-    float (2 ** -1022, where Python's are subnormal) is 0."""
-    exponent = f"(extract(epoch FROM {from_time})::float8 - extract(epoch FROM {to_time})::float8) / {half_life}"
+    float (2 ** -1022, where Python's are subnormal) is 0. date_part, not extract: the same
+    float8 (both correctly rounded from the microseconds), without extract's numeric."""
+    exponent = f"(date_part('epoch', {from_time}) - date_part('epoch', {to_time})) / {half_life}"
     return f"CASE WHEN {exponent} < -1022 THEN 0 ELSE power(2::float8, {exponent}) END"
 
 
@@ -316,9 +317,9 @@ _MERGE_CUSTOMER_STAGES = (
     "(last_event_at, gap_sum, weight_sum, events) = ("
     "SELECT r.ref, s.gap_sum * f.mine + EXCLUDED.gap_sum * f.theirs, "
     "s.weight_sum * f.mine + EXCLUDED.weight_sum * f.theirs, s.events + EXCLUDED.events "
-    "FROM (SELECT greatest(s.last_event_at, EXCLUDED.last_event_at) AS ref) r CROSS JOIN LATERAL (SELECT "
+    "FROM (SELECT greatest(s.last_event_at, EXCLUDED.last_event_at) AS ref OFFSET 0) r CROSS JOIN LATERAL (SELECT "
     f"{_decay('s.last_event_at', 'r.ref', '$1')} AS mine, {_decay('EXCLUDED.last_event_at', 'r.ref', '$1')} AS theirs"
-    ") f)"
+    " OFFSET 0) f)"
 )
 
 
@@ -351,11 +352,13 @@ def _customer_row(merged: str, previous_quadrant: str) -> str:
         "WHEN d.experience_index >= t.experience_threshold "
         "THEN CASE WHEN d.revenue >= t.revenue_threshold THEN 'exemplary' ELSE 'growth' END "
         "ELSE CASE WHEN d.revenue >= t.revenue_threshold THEN 'at_risk' ELSE 'disengaged' END END, now() "
-        f"FROM ({merged}) m CROSS JOIN LATERAL (SELECT "
+        # OFFSET 0 keeps each level a subquery computed once per row: flattened, every reference to
+        # a merged column repeated its whole expression (the decays several times over).
+        f"FROM ({merged} OFFSET 0) m CROSS JOIN LATERAL (SELECT "
         "CASE WHEN m.index_weight_sum > 0 THEN m.index_gap_sum / m.index_weight_sum ELSE 0 END AS experience_index, "
-        "extract(epoch FROM m.last_event_at)::float8 AS ref_s) d0 CROSS JOIN LATERAL (SELECT d0.*, "
+        "date_part('epoch', m.last_event_at) AS ref_s OFFSET 0) d0 CROSS JOIN LATERAL (SELECT d0.*, "
         "m.revenue_sum * CASE WHEN (d0.ref_s - greatest($5, d0.ref_s)) / $8 < -1022 THEN 0 "
-        "ELSE power(2::float8, (d0.ref_s - greatest($5, d0.ref_s)) / $8) END AS revenue) d "
+        "ELSE power(2::float8, (d0.ref_s - greatest($5, d0.ref_s)) / $8) END AS revenue OFFSET 0) d "
         "LEFT JOIN thresholds t ON t.tenant = m.tenant AND t.journey = m.latest_journey"
     )
 
@@ -374,13 +377,13 @@ _MERGED_CUSTOMER = (
     "FROM (SELECT greatest(c.last_event_at, EXCLUDED.last_event_at) AS ref, "
     '(EXCLUDED.last_event_at, EXCLUDED.latest_event_id COLLATE "C") '
     '> (c.last_event_at, c.latest_event_id COLLATE "C") '
-    "AS theirs_latest) r CROSS JOIN LATERAL (SELECT "
+    "AS theirs_latest OFFSET 0) r CROSS JOIN LATERAL (SELECT "
     + ", ".join(
         f"{_decay('c.last_event_at', 'r.ref', half_life)} AS mine_{kind}, "
         f"{_decay('EXCLUDED.last_event_at', 'r.ref', half_life)} AS theirs_{kind}"
         for kind, half_life in (("index", "$6"), ("trend", "$7"), ("revenue", "$8"))
     )
-    + ") f"
+    + " OFFSET 0) f"
 )
 _MERGE_CUSTOMERS = (
     "WITH thresholds AS (SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[]) "
