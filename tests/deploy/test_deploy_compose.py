@@ -72,9 +72,9 @@ def test_topics_are_created_once_with_12_partitions(compose):
     assert topics["restart"] == "no"
 
 
-def test_postgres_16_with_pg_isready(compose):
+def test_postgres_18_with_pg_isready(compose):
     postgres = compose["services"]["postgres"]
-    assert postgres["image"].startswith("postgres:16")
+    assert postgres["image"].startswith("postgres:18")
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     # The services' URL matches the database the container creates.
     url = compose["x-cem"]["environment"]["CEM_DATABASE_URL"]
