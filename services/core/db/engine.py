@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, exc
+from sqlalchemy import Connection, event, exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -57,6 +57,24 @@ def _ping_when_idle(engine: AsyncEngine, idle_s: float) -> None:
             dbapi_connection.ping()
         except Exception as error:  # noqa: BLE001 - any failure: the pool replaces the connection
             raise exc.DisconnectionError(f"pooled connection unusable: {type(error).__name__}") from error
+
+
+# Scoring's merge reads a row's old and new values in one statement (`RETURNING old.*, new.*`).
+MIN_SERVER_VERSION_NUM = 180000
+
+
+class UnsupportedServer(RuntimeError):
+    pass
+
+
+def require_server_version(connection: Connection, minimum: int = MIN_SERVER_VERSION_NUM) -> None:
+    """Refuse a PostgreSQL older than `minimum` (as server_version_num) with its version in words."""
+    found = int(connection.exec_driver_sql("SHOW server_version_num").scalar_one())
+    if found < minimum:
+        version = connection.exec_driver_sql("SHOW server_version").scalar_one()
+        raise UnsupportedServer(
+            f"PostgreSQL {minimum // 10000} or later is required; this server is {version} ({found})"
+        )
 
 
 def alembic_config(database_url: str) -> Config:
