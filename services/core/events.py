@@ -170,7 +170,7 @@ class EventInvalid(ValueError):
         self.errors = errors
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built per request, and a frozen __init__ costs 4x (2.8 vs 0.7 us)
 class ValidationContext:
     tenant: str
     journeys: dict[str, Journey]

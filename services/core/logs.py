@@ -131,5 +131,8 @@ def setup_logging(settings: Settings) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    # No format of ours shows the process or the thread (the JSON one leaves them out by design):
+    # LogRecord need not look them up, a fifth of the cost of the access log's line per request.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
