@@ -48,6 +48,18 @@ SCORING_DUPLICATES_CONFLICTING = Counter(
     "cem_scoring_duplicates_conflicting_total",
     "Records reusing a scored event id with a different payload: ignored (the first one counts)",
 )
+SCORING_DEDUP_ROWS_DELETED = Counter(
+    "cem_scoring_dedup_rows_deleted_total",
+    "processed_events (de-duplication) rows deleted by the retention task once expired",
+)
+SCORING_DEDUP_LAST_RUN = Gauge(
+    "cem_scoring_dedup_retention_last_run_timestamp_seconds",
+    "Unix time of the last completed processed_events retention run (0: none in this replica)",
+)
+SCORING_DEDUP_OLDEST_AGE = Gauge(
+    "cem_scoring_dedup_oldest_row_age_seconds",
+    "Age (by scored_at) of the oldest processed_events row, as of this replica's last retention run",
+)
 EVENT_TO_SCORE = Histogram(
     "cem_event_to_score_seconds",
     "Time from received_at (ingest) to the scoring transaction's commit",

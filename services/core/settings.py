@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     alert_stream_poll_s: float = Field(0.25, gt=0)
     alert_stream_ping_s: float = Field(15.0, gt=0)
 
+    # Retention of processed_events, the de-duplication ledger (services/scoring/retention.py): a
+    # row goes once it was scored more than max_event_age + max_future_skew + 2 min + this margin
+    # ago. The margin must be at least the touchpoint topic's retention (Kafka's default: 7 days).
+    dedup_retention_margin_days: float = Field(7.0, gt=0)
+    # How often one scoring replica deletes the expired rows, and how many per transaction.
+    dedup_retention_interval_s: float = Field(300.0, gt=0)
+    dedup_retention_batch_rows: int = Field(10_000, ge=1, le=1_000_000)
+
     # How often scoring moves customers whose revenue decayed below their threshold (see sweep.py).
     quadrant_sweep_interval_s: float = Field(60.0, gt=0)
 

@@ -17,6 +17,7 @@ from services.core.settings import Settings
 from services.scoring.alerts import AlertEvaluator, keep_stage_alerts_fresh
 from services.scoring.consumer import Scorer
 from services.scoring.gauges import keep_gauges_fresh
+from services.scoring.retention import keep_dedup_ledger_trimmed
 from services.scoring.sweep import keep_quadrants_fresh
 from services.scoring.relay import KafkaAlerts, WebhookAlerts, kafka_relay_name, run_relay, webhook_relay_name
 
@@ -53,6 +54,8 @@ def create_app(settings: Settings) -> FastAPI:
                 keep_quadrants_fresh(engine, scorer.context, scorer.after_batch, settings.quadrant_sweep_interval_s),
                 name="quadrant-sweep",
             ),
+            # Deletes processed_events rows no copy of their event can need any more (retention.py).
+            asyncio.create_task(keep_dedup_ledger_trimmed(engine, settings), name="dedup-retention"),
         ]
         if webhook is not None:
             helpers.append(

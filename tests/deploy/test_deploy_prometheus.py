@@ -29,6 +29,7 @@ REQUIRED_ALERTS = {
     "CemStageShortfallRatioHigh": "cem_stage_shortfall_ratio",
     "CemStageMeanGapLow": "cem_stage_mean_gap",
     "CemDeadLetterQueueGrowing": "cem_scoring_events_total",
+    "CemDedupRetentionStalled": "cem_scoring_dedup_retention_last_run_timestamp_seconds",
     "CemServiceDown": "up",
 }
 

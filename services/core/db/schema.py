@@ -39,6 +39,8 @@ processed_events = Table(
     # blake2b-128 of the event's content: a retry matches it, a different event under the same id does not.
     Column("payload_hash", LargeBinary, nullable=True),
     PrimaryKeyConstraint("tenant", "event_id"),
+    # Finds the expired rows for services/scoring/retention.py (migration 0009: why not BRIN).
+    Index("processed_events_scored_at", "scored_at"),
 )
 
 # Kafka offsets, stored in the same transaction as the aggregates they produced.
