@@ -32,6 +32,17 @@ def postgres():
     server.stop()
 
 
+@pytest.fixture
+def own_postgres(tmp_path):
+    """A migrated PostgreSQL of the test's own, for tests that stop or restart it (`stop()`, then
+    `start()` again: same port and data)."""
+    server = EmbeddedPostgres(tmp_path / "postgres", durable=False)
+    server.start()
+    migrate(server.url())
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def kafka():
     broker = EmbeddedKafka()

@@ -10,8 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from services.core.db.engine import create_engine, migrate
-from services.core.embedded import EmbeddedPostgres
+from services.core.db.engine import create_engine
 from services.core.journeys import JourneyCatalog, load_journeys
 from services.core.scoring import HalfLives, ScoredEvent
 from services.core.settings import DAY_S, Settings
@@ -82,20 +81,20 @@ async def test_expired_rows_go_newer_ones_stay_and_a_kept_event_is_still_a_dupli
         await engine.dispose()
 
 
+async def retention_lock(conn, function: str) -> None:
+    """pg_advisory_lock or pg_advisory_unlock of the retention's lock, on this session."""
+    await conn.execute(text(f"SELECT {function}(:c, :k)"), {"c": retention.LOCK_CLASS, "k": retention.LOCK_KEY})
+    await conn.commit()
+
+
 async def test_one_replica_deletes_at_a_time(settings):
     engine = create_engine(settings.database_url)
     try:
         async with engine.connect() as holder:
             # Another replica holds the lock: this one does nothing.
-            await holder.execute(
-                text("SELECT pg_advisory_lock(:c, :k)"), {"c": retention.LOCK_CLASS, "k": retention.LOCK_KEY}
-            )
-            await holder.commit()
+            await retention_lock(holder, "pg_advisory_lock")
             assert await delete_expired_events(engine, settings) is None
-            await holder.execute(
-                text("SELECT pg_advisory_unlock(:c, :k)"), {"c": retention.LOCK_CLASS, "k": retention.LOCK_KEY}
-            )
-            await holder.commit()
+            await retention_lock(holder, "pg_advisory_unlock")
         # A run releases the lock when it ends: the next one (any replica) takes it.
         assert await delete_expired_events(engine, settings) is not None
         assert await delete_expired_events(engine, settings) is not None
@@ -120,17 +119,8 @@ async def test_the_deletion_uses_the_scored_at_index(settings):
         await engine.dispose()
 
 
-@pytest.fixture
-def database(tmp_path):
-    server = EmbeddedPostgres(tmp_path / "postgres", durable=False)  # this test's own server: it stops it
-    server.start()
-    migrate(server.url())
-    yield server
-    server.stop()
-
-
-async def test_the_task_survives_postgres_being_briefly_unavailable(database, tmp_path):
-    server = database
+async def test_the_task_survives_postgres_being_briefly_unavailable(own_postgres):
+    server = own_postgres
     settings = Settings(
         tenant=f"t-{uuid.uuid4().hex[:10]}", database_url=server.url(), dedup_retention_interval_s=0.2
     )
@@ -141,8 +131,7 @@ async def test_the_task_survives_postgres_being_briefly_unavailable(database, tm
         server.stop()
         await asyncio.sleep(1.0)  # runs fail: logged, retried
         assert not task.done()
-        server = EmbeddedPostgres(tmp_path / "postgres", port=server.port, durable=False)
-        server.start()
+        server.start()  # same port and data
         await add_rows(engine, settings.tenant, "old-", 20, 40)
         await add_rows(engine, settings.tenant, "new-", 3, 1)
         for _ in range(100):
@@ -155,4 +144,3 @@ async def test_the_task_survives_postgres_being_briefly_unavailable(database, tm
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await engine.dispose()
-        server.stop()
