@@ -142,6 +142,35 @@ def parse_histogram(text: str, name: str) -> list[tuple[float, float]]:
     return sorted(buckets)
 
 
+def histogram_delta(before: str, after: str, name: str, labels: str = "") -> list[tuple[float, float]]:
+    """What a histogram counted between two scrapes, as cumulative (le, count) buckets summed over
+    its series (only those whose labels contain `labels`, e.g. 'route="/v1/events"')."""
+
+    def totals(text: str) -> dict[float, float]:
+        found: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith(f"{name}_bucket{{") and labels in line:
+                series, _, value = line.rpartition(" ")
+                le_text = series.split('le="')[1].split('"')[0]
+                le = float("inf") if le_text == "+Inf" else float(le_text)
+                found[le] = found.get(le, 0.0) + float(value)
+        return found
+
+    earlier = totals(before)
+    return sorted((le, count - earlier.get(le, 0.0)) for le, count in totals(after).items())
+
+
+def histogram_max_bound(buckets: list[tuple[float, float]]) -> float | None:
+    """The upper bound of the highest bucket that counted anything: the maximum is at most this."""
+    previous = 0.0
+    highest = None
+    for le, count in buckets:
+        if count > previous:
+            highest = le
+        previous = count
+    return highest
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -430,7 +459,12 @@ class Bench:
             await peak(bare, "bare")
             await peak(ingest, "ingest_single", auth)
         bare_half = await half(bare, "bare")
+        # Ingest's own view of the half-rate phase (its /metrics before and after): whether a tail
+        # came from its event loop (lag) or from the broker's acknowledgements (produce duration).
+        metrics_url = f"http://127.0.0.1:{ingest.port}/metrics"
+        metrics_before = (await asyncio.to_thread(httpx.get, metrics_url, timeout=5)).text
         ingest_half = await half(ingest, "ingest_single", auth)
+        metrics_after = (await asyncio.to_thread(httpx.get, metrics_url, timeout=5)).text
         self.stack.release(bare)
         self.stack.release(ingest)
         bare_peak = max(peaks["bare"], key=lambda result: result["rps"])
@@ -504,6 +538,28 @@ class Bench:
                 details={"rate": ingest_peak["rps"] / 2},
             )
         )
+        self.ingest_half_diagnostics(metrics_before, metrics_after)
+
+    def ingest_half_diagnostics(self, before: str, after: str) -> None:
+        """Diagnostic figures of the half-rate phase, no targets: ingest's event-loop lag (a timer's
+        overshoot, 20 samples/s) and its produce and request durations, from its histograms."""
+        lag = histogram_delta(before, after, "cem_event_loop_lag_seconds")
+        produce = histogram_delta(before, after, "cem_ingest_produce_duration_seconds")
+        served = histogram_delta(before, after, "cem_ingest_request_duration_seconds", 'route="/v1/events"')
+        if not lag and not produce:
+            return  # a tree without these metrics
+        details = {
+            "loop_lag_histogram": lag,
+            "produce_histogram": produce,
+            "request_histogram": served,
+            "request_p99_ms": _ms(histogram_quantile(served, 0.99)),
+            "note": "from ingest's /metrics before and after the phase; quantiles interpolated in "
+            "buckets 1/2.5/5/10/25/50/100/250/500 ms; max: the upper bound of the highest bucket counted",
+        }
+        self.add(Figure("ingest_single_loop_lag_p99_ms_at_half_rate", _ms(histogram_quantile(lag, 0.99)), "ms",
+                        details=details))  # fmt: skip
+        self.add(Figure("ingest_single_loop_lag_max_ms_at_half_rate", _ms(histogram_max_bound(lag)), "ms (at most)"))
+        self.add(Figure("ingest_single_produce_p99_ms_at_half_rate", _ms(histogram_quantile(produce, 0.99)), "ms"))
 
     # -- 3, 4, 7a. scoring ---------------------------------------------------------------------------
 

@@ -7,6 +7,19 @@ from prometheus_client import Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
+# Every service
+EVENT_LOOP_LAG = Histogram(
+    "cem_event_loop_lag_seconds",
+    "How late a timer of the event loop fired (a sleep of a fixed interval, minus the interval): "
+    "time the loop was busy or stalled with work ready",
+    buckets=LATENCY_BUCKETS,
+)
+LOG_LINES_DROPPED = Counter(
+    "cem_log_lines_dropped_total",
+    "Log lines dropped because the log output (stderr) fell too far behind, by level",
+    ["level"],
+)
+
 # Ingest
 INGEST_EVENTS = Counter(
     "cem_ingest_events_total",

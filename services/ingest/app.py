@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI
 
 from services.core.access import install_access
-from services.core.http import install_common
+from services.core.http import fastapi_telemetry, install_common
 from services.core.db.engine import create_engine
 from services.core.db.journeys import JourneyLoader
 from services.core.metrics import INGEST_REQUEST_DURATION
@@ -46,7 +46,10 @@ def create_app(settings: Settings) -> FastAPI:
             await producer.close()
             await app.state.access.close()
 
-    app = FastAPI(title="CEM ingest", version="1", summary="Touchpoint events in (SPEC 4)", lifespan=lifespan)
+    app = FastAPI(
+        title="CEM ingest", version="1", summary="Touchpoint events in (SPEC 4)", lifespan=lifespan,
+        telemetry=fastapi_telemetry(),
+    )  # fmt: skip
     app.state.settings = settings
     app.state.journey_loader = loader
     # API keys (their lookups use Postgres); refuses CEM_AUTH_DISABLED off loopback.

@@ -28,8 +28,12 @@ HISTOGRAMS = {
     "cem_scoring_batch_duration_seconds",
     "cem_event_to_score_seconds",
     "cem_api_request_duration_seconds",
+    "cem_event_loop_lag_seconds",  # every service: how late its event loop runs a timer
 }
-COUNTERS = {"cem_ingest_events", "cem_scoring_events", "cem_alert_transitions", "cem_scoring_dedup_rows_deleted"}
+COUNTERS = {
+    "cem_ingest_events", "cem_scoring_events", "cem_alert_transitions", "cem_scoring_dedup_rows_deleted",
+    "cem_log_lines_dropped",  # every service: log lines dropped while stderr did not drain
+}  # fmt: skip
 GAUGES = {
     "cem_scoring_lag_records",
     "cem_stage_mean_gap",

@@ -1,5 +1,5 @@
 """The cheaper paths of a single-event request (issue 7), each against what it replaces:
-the JSON log formatter, the buffered log handler, and RequestGuard's direct call of a
+the JSON log formatter (the handler: test_log_handler.py), and RequestGuard's direct call of a
 RequestOnlyRoute (services/core/http.py) against the same route through the framework."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from services.core.access import Access
 from services.core.auth import generate_key, hash_key
 from services.core.deadlines import Deadlines
 from services.core.http import install_common
-from services.core.logs import REQUEST_ID, BufferedStreamHandler, _fast_json_formatter
+from services.core.logs import REQUEST_ID, _fast_json_formatter
 from services.core.settings import Settings
 from services.ingest.routes import RequestOnlyRoute, direct_routes
 from tests.unit.test_access import key_row
@@ -62,29 +62,6 @@ def test_fast_json_formatter_writes_what_orjson_formatter_writes(extra, message,
     first.created = second.created = created
     first.msecs = second.msecs = (created - int(created)) * 1000
     assert fast.format(first) == reference.format(second)
-
-
-def test_buffered_handler_flushes_warnings_at_once_and_the_rest_within_the_interval(tmp_path):
-    path = tmp_path / "log"
-    stream = open(path, "w", buffering=64 * 1024)  # noqa: SIM115
-    handler = BufferedStreamHandler(stream, interval_s=0.05)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger = logging.getLogger("cem.test.buffered")
-    logger.propagate = False
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        logger.info("first")
-        logger.warning("second")  # flushes what came before it, in order
-        assert path.read_text() == "INFO first\nWARNING second\n"
-        logger.info("third")
-        deadline = time.monotonic() + 5
-        while "third" not in path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert path.read_text() == "INFO first\nWARNING second\nINFO third\n"
-    finally:
-        logger.removeHandler(handler)
-        stream.close()
 
 
 # -- the direct call of a RequestOnlyRoute -----------------------------------------------------
