@@ -6,7 +6,8 @@ The batch reaches Postgres once per table: the de-duplicated events' keys and th
 set-based upsert per table folds them into the stored state. The decayed merge of a delta into a
 stored row (CustomerState.merge, CustomerStageState.merge) is written in SQL inside the upsert
 (ON CONFLICT DO UPDATE works on the locked, latest row version), so no row is read first;
-RETURNING OLD/NEW gives the previous quadrant for the alerts."""
+RETURNING OLD/NEW gives the previous quadrant for the alerts, and only the customers that the
+alerts look at come back (most rows of a batch at a million customers are none of theirs)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.core.alerting import HOT_GAP
 from services.core.journeys import JourneyCatalog
 from services.core.scoring import (
     CustomerState,
@@ -68,9 +70,12 @@ class BatchOutcome:
     duplicates: int = 0
     conflicting: int = 0  # duplicates whose payload differs from the one scored: ignored, counted
     quadrant_changes: list[QuadrantChange] = field(default_factory=list)
+    # The stored state and quadrant of the batch's customers that the alerts judge: those now in
+    # at_risk, those whose quadrant changed (new customers included), and those with an event at
+    # or below alerting.HOT_GAP. The other customers of the batch are not in them.
     customers: dict[tuple[str, str], CustomerState] = field(default_factory=dict)
-    # The quadrant stored for every customer of the batch, and the instant revenue was valued at.
     quadrants: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The instant revenue was valued at.
     now: datetime | None = None
 
 
@@ -199,7 +204,8 @@ async def score_batch(
         for tenant, tenant_events in by_tenant.items():
             customer_deltas[tenant], stage_deltas[tenant] = merge_customer_events(tenant_events, context.half_lives)
         await _merge_customer_stages(batch, stage_deltas, context.half_lives)
-        await _merge_customers(batch, customer_deltas, context, now, outcome)
+        hot = {(item.tenant, item.event.customer_id) for item in fresh if item.event.gap <= HOT_GAP}
+        await _merge_customers(batch, customer_deltas, hot, context, now, outcome)
 
     await _store_offsets(batch, context.group_id, ranges)
     return outcome
@@ -385,11 +391,15 @@ _MERGED_CUSTOMER = (
     )
     + " OFFSET 0) f"
 )
+# Only the rows that BatchOutcome.customers keeps come back: $9, $10 the (tenant, customer id)
+# of the batch's hot events.
 _MERGE_CUSTOMERS = (
     "WITH thresholds AS (SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[]) "
     "AS t(tenant, journey, experience_threshold, revenue_threshold)), "
-    "staged AS (DELETE FROM pg_temp.scoring_customers RETURNING *) "
-    "INSERT INTO customers AS c (tenant, customer_id, " + ", ".join(_CUSTOMER_STATE + _CUSTOMER_DERIVED) + ") "
+    "staged AS (DELETE FROM pg_temp.scoring_customers RETURNING *), "
+    "merged AS (INSERT INTO customers AS c (tenant, customer_id, "
+    + ", ".join(_CUSTOMER_STATE + _CUSTOMER_DERIVED)
+    + ") "
     "SELECT tenant, customer_id, n.* FROM staged CROSS JOIN LATERAL ("
     + _customer_row(
         "SELECT staged.tenant, to_timestamp(staged.last_s) AS last_event_at, "
@@ -403,6 +413,9 @@ _MERGE_CUSTOMERS = (
     + _customer_row(_MERGED_CUSTOMER, "c.quadrant")
     + ") RETURNING old.quadrant AS previous, new.tenant, new.customer_id, new.quadrant, "
     + ", ".join(f"new.{name}" for name in _CUSTOMER_STATE)
+    + ") SELECT m.* FROM merged m LEFT JOIN unnest($9::text[], $10::text[]) AS h(tenant, customer_id) "
+    "ON h.tenant = m.tenant AND h.customer_id = m.customer_id "
+    "WHERE m.quadrant = 'at_risk' OR m.previous IS DISTINCT FROM m.quadrant OR h.customer_id IS NOT NULL"
 )
 
 CUSTOMER_STATE_COLUMNS = (
@@ -434,6 +447,7 @@ def _customer_state(values: Mapping) -> CustomerState:
 async def _merge_customers(
     batch: _Batch,
     deltas: dict[str, dict[str, CustomerState]],
+    hot: set[tuple[str, str]],
     context: ScoringContext,
     now: datetime,
     outcome: BatchOutcome,
@@ -458,6 +472,7 @@ async def _merge_customers(
         _MERGE_CUSTOMERS,
         *(list(column) for column in zip(*thresholds)) if thresholds else ([], [], [], []),
         now.timestamp(), half_lives.index_s, half_lives.trend_s, half_lives.revenue_s,
+        [key[0] for key in hot], [key[1] for key in hot],
     )
     now_s = now.timestamp()
     for row in rows:

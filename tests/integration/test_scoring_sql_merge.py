@@ -1,6 +1,7 @@
 """The decayed merge that score_batch does in SQL (services/scoring/store.py) equals the pure
 maths it replaces (services.core.scoring: CustomerState.merge, CustomerStageState.merge,
-quadrant()), on real Postgres: two batches, the second merged into what the first stored."""
+quadrant()), on real Postgres: two batches, the second merged into what the first stored. Each
+batch's outcome holds exactly the customers the alerts judge, with their merged states."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
+from services.core.alerting import HOT_GAP
 from services.core.db.engine import create_engine
 from services.core.journeys import JourneyCatalog, load_journeys
 from services.core.scoring import HalfLives, ScoredEvent, merge_customer_events, quadrant, revenue_rank
@@ -74,9 +76,10 @@ async def check(postgres, first: list[ScoredEvent], second: list[ScoredEvent], h
     try:
         async with engine.connect() as conn:
             transaction = await conn.begin()
+            outcomes = []
             for events_ in (first, second):
                 batch = [TenantEvent(tenant, item, NOW.timestamp()) for item in events_]
-                await score_batch(conn, batch, [], context, NOW)
+                outcomes.append(await score_batch(conn, batch, [], context, NOW))
             stored = {
                 row.customer_id: row
                 for row in await conn.execute(text("SELECT * FROM customers WHERE tenant = :t"), {"t": tenant})
@@ -101,9 +104,35 @@ async def check(postgres, first: list[ScoredEvent], second: list[ScoredEvent], h
         return quadrant(state.experience_index, revenue, journey.experience_threshold, journey.revenue_threshold)
 
     quadrants = {customer_id: python_quadrant(state, None) for customer_id, state in customers_1.items()}
+    # What each batch stored for its customers, and the quadrant before it (None: a new customer).
+    batches = [{customer_id: (state, None, quadrants[customer_id]) for customer_id, state in customers_1.items()}, {}]
     for customer_id, delta in customers_2.items():
         merged = customers_1[customer_id].merge(delta, half_lives) if customer_id in customers_1 else delta
-        quadrants[customer_id] = python_quadrant(merged, quadrants.get(customer_id))
+        previous = quadrants.get(customer_id)
+        quadrants[customer_id] = python_quadrant(merged, previous)
+        batches[1][customer_id] = (merged, previous, quadrants[customer_id])
+    for outcome, events_, expected in zip(outcomes, (first, second), batches):
+        hot = {event.customer_id for event in events_ if event.gap <= HOT_GAP}
+        judged = {
+            customer_id
+            for customer_id, (_, previous, current) in expected.items()
+            if current == "at_risk" or previous != current or customer_id in hot
+        }
+        assert set(outcome.customers) == set(outcome.quadrants) == {(tenant, customer_id) for customer_id in judged}
+        assert {(change.customer_id, change.previous, change.current) for change in outcome.quadrant_changes} == {
+            (customer_id, previous, current)
+            for customer_id, (_, previous, current) in expected.items()
+            if previous != current
+        }
+        for customer_id in judged:
+            state, _, current = expected[customer_id]
+            got = outcome.customers[(tenant, customer_id)]
+            assert outcome.quadrants[(tenant, customer_id)] == current
+            assert (got.ref_s, got.first_event_s, got.events, got.latest_journey, got.latest_event_id) == (
+                state.ref_s, state.first_event_s, state.events, state.latest_journey, state.latest_event_id,
+            )  # fmt: skip
+            for name in ("index_gap_sum", "index_weight_sum", "trend_gap_sum", "trend_weight_sum", "revenue_sum"):
+                assert same(getattr(got, name), getattr(state, name)), name
     assert set(stored) == set(customers_1) | set(customers_2)
     for customer_id, row in stored.items():
         parts = [part[customer_id] for part in (customers_1, customers_2) if customer_id in part]
