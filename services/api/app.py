@@ -16,7 +16,7 @@ from services.api.deps import EngineDep
 from services.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from services.core.access import install_access
 from services.core.db.engine import create_engine
-from services.core.http import install_common
+from services.core.http import fastapi_telemetry, install_common
 from services.core.db.journeys import JourneyLoader
 from services.core.metrics import API_REQUEST_DURATION
 from services.core.settings import Settings
@@ -62,7 +62,9 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.access.close()
             await app.state.engine.dispose()
 
-    app = FastAPI(title="CEM query API", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="CEM query API", version="1", description=DESCRIPTION, lifespan=lifespan, telemetry=fastapi_telemetry()
+    )
     app.state.settings = settings
     app.state.journey_loader = loader
     install_access(app, settings)  # API keys; refuses CEM_AUTH_DISABLED off loopback

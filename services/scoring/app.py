@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from services.core.db.engine import create_engine
-from services.core.http import install_common
+from services.core.http import fastapi_telemetry, install_common
 from services.core.db.journeys import JourneyLoader
 from services.core.settings import Settings
 from services.scoring.alerts import AlertEvaluator, keep_stage_alerts_fresh
@@ -89,7 +89,9 @@ def create_app(settings: Settings) -> FastAPI:
                 await webhook.close()
             await engine.dispose()
 
-    app = FastAPI(title="CEM scoring", lifespan=lifespan, default_response_class=JSONResponse)
+    app = FastAPI(
+        title="CEM scoring", lifespan=lifespan, default_response_class=JSONResponse, telemetry=fastapi_telemetry()
+    )
     install_common(app, settings=settings)
 
     @app.get("/healthz")
