@@ -164,45 +164,40 @@ async def run(spec: Spec) -> Result:
 
         await asyncio.gather(*(client() for _ in range(spec.connections)))
     else:
-        pool: asyncio.Queue[Connection] = asyncio.Queue()
-        for _ in range(spec.connections):
-            pool.put_nowait(Connection(spec.host, spec.port))
-        tasks: set[asyncio.Task] = set()
-
-        async def send(raw: bytes, events: int, due: float) -> None:
-            if due >= measure_from:
-                result.start_lags.append(clock() - due)
-            connection = await pool.get()
-            try:
-                status, body = await connection.request(raw)
-                record(due, status, body, events)
-            except (OSError, asyncio.IncompleteReadError, ValueError) as error:
-                failed(error)
-                connection.close()
-            finally:
-                pool.put_nowait(connection)
-
+        # One worker per connection, taking the due times in order: a request goes out at its due
+        # time, or as soon as a connection is free if all were busy then (its latency still counts
+        # from the due time). No task and no timer per request: the generator's own CPU, which
+        # shares the machine with the server, stays at that of the closed loop.
         interval = 1.0 / spec.rate
-        for number in itertools.count():
-            due = started + number * interval
-            if due >= stop_at:
-                break
-            item = next_request()
-            if item is None:
-                break
-            delay = due - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(send(*item, due))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            # Whatever is still outstanding gets a bounded grace period to answer.
-            await asyncio.wait(tasks, timeout=10.0)
-            for task in tasks:
-                task.cancel()
-        while not pool.empty():
-            pool.get_nowait().close()
+        numbers = itertools.count()
+
+        async def worker() -> None:
+            connection = Connection(spec.host, spec.port)
+            try:
+                while (due := started + next(numbers) * interval) < stop_at:
+                    item = next_request()
+                    if item is None:
+                        break
+                    delay = due - clock()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                        if due >= measure_from:  # how late the timer woke (not a wait for a connection)
+                            result.start_lags.append(clock() - due)
+                    try:
+                        status, body = await connection.request(item[0])
+                        record(due, status, body, item[1])
+                    except (OSError, asyncio.IncompleteReadError, ValueError) as error:
+                        failed(error)
+                        connection.close()
+            finally:
+                connection.close()
+
+        workers = [asyncio.create_task(worker()) for _ in range(spec.connections)]
+        # Whatever is still outstanding at the end gets a bounded grace period to answer.
+        _, late = await asyncio.wait(workers, timeout=max(0.0, stop_at - clock()) + 10.0)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
     result.elapsed_s = min(clock(), stop_at) - measure_from
     if exhausted:
         result.elapsed_s = clock() - measure_from
