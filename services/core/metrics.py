@@ -19,6 +19,10 @@ LOG_LINES_DROPPED = Counter(
     "Log lines dropped because the log output (stderr) fell too far behind, by level",
     ["level"],
 )
+# Exported at 0 from the start: increase() then sees the first drops (a series born at its first
+# drop has no earlier sample to count from), and dashboards find the series in every service.
+for _level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    LOG_LINES_DROPPED.labels(_level)
 
 # Ingest
 INGEST_EVENTS = Counter(
