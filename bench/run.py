@@ -132,32 +132,23 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | 
     return previous_le
 
 
-def parse_histogram(text: str, name: str) -> list[tuple[float, float]]:
-    buckets = []
+def parse_histogram(text: str, name: str, labels: str = "") -> list[tuple[float, float]]:
+    """A histogram of a /metrics text as cumulative (le, count) buckets, summed over its series
+    (only those whose labels contain `labels`, e.g. 'route="/v1/events"')."""
+    counts: dict[float, float] = {}
     for line in text.splitlines():
-        if line.startswith(f"{name}_bucket{{"):
-            labels, _, value = line.rpartition(" ")
-            le = labels.split('le="')[1].split('"')[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), float(value)))
-    return sorted(buckets)
+        if line.startswith(f"{name}_bucket{{") and labels in line:
+            series, _, value = line.rpartition(" ")
+            le = series.split('le="')[1].split('"')[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            counts[bound] = counts.get(bound, 0.0) + float(value)
+    return sorted(counts.items())
 
 
-def histogram_delta(before: str, after: str, name: str, labels: str = "") -> list[tuple[float, float]]:
-    """What a histogram counted between two scrapes, as cumulative (le, count) buckets summed over
-    its series (only those whose labels contain `labels`, e.g. 'route="/v1/events"')."""
-
-    def totals(text: str) -> dict[float, float]:
-        found: dict[float, float] = {}
-        for line in text.splitlines():
-            if line.startswith(f"{name}_bucket{{") and labels in line:
-                series, _, value = line.rpartition(" ")
-                le_text = series.split('le="')[1].split('"')[0]
-                le = float("inf") if le_text == "+Inf" else float(le_text)
-                found[le] = found.get(le, 0.0) + float(value)
-        return found
-
-    earlier = totals(before)
-    return sorted((le, count - earlier.get(le, 0.0)) for le, count in totals(after).items())
+def histogram_delta(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """What a histogram counted between two scrapes (parse_histogram of each)."""
+    earlier = dict(before)
+    return [(le, count - earlier.get(le, 0.0)) for le, count in after]
 
 
 def histogram_max_bound(buckets: list[tuple[float, float]]) -> float | None:
@@ -543,11 +534,13 @@ class Bench:
     def ingest_half_diagnostics(self, before: str, after: str) -> None:
         """Diagnostic figures of the half-rate phase, no targets: ingest's event-loop lag (a timer's
         overshoot, 20 samples/s) and its produce and request durations, from its histograms."""
-        lag = histogram_delta(before, after, "cem_event_loop_lag_seconds")
-        produce = histogram_delta(before, after, "cem_ingest_produce_duration_seconds")
-        served = histogram_delta(before, after, "cem_ingest_request_duration_seconds", 'route="/v1/events"')
-        if not lag and not produce:
-            return  # a tree without these metrics
+
+        def counted(name: str, labels: str = "") -> list[tuple[float, float]]:
+            return histogram_delta(parse_histogram(before, name, labels), parse_histogram(after, name, labels))
+
+        lag = counted("cem_event_loop_lag_seconds")
+        produce = counted("cem_ingest_produce_duration_seconds")
+        served = counted("cem_ingest_request_duration_seconds", 'route="/v1/events"')
         details = {
             "loop_lag_histogram": lag,
             "produce_histogram": produce,
@@ -819,8 +812,7 @@ class Bench:
         after = parse_histogram(httpx.get(metrics_url, timeout=5).text, "cem_event_to_score_seconds")
         self.stack.release(ingest)
         self.stack.release(scoring)
-        counts = dict(before)
-        delta = [(le, count - counts.get(le, 0.0)) for le, count in after]
+        delta = histogram_delta(before, after)
         p50, p99 = histogram_quantile(delta, 0.5), histogram_quantile(delta, 0.99)
         details = {
             "offered_events_per_s": rate_events,

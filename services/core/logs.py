@@ -75,7 +75,6 @@ def _fast_json_formatter() -> type[logging.Formatter]:
 
 
 FLUSH_INTERVAL_S = 0.25
-_DEFAULT_FORMATTER = logging.Formatter()  # as logging.Handler.format without a formatter
 # How far the writer may fall behind, in bytes: ~10 s of the access log at ingest's peak. Past it,
 # new lines below WARNING are dropped and counted (cem_log_lines_dropped_total{level}); WARNING and
 # above are kept up to 4 times as much, then dropped too, so memory stays bounded even if the fd
@@ -121,7 +120,7 @@ class BackgroundLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = (self.formatter or _DEFAULT_FORMATTER).format(record)
+            line = self.format(record)
         except RecursionError:
             raise
         except Exception:  # noqa: BLE001 - as logging.StreamHandler: report, never raise

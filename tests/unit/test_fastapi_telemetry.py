@@ -1,12 +1,14 @@
 """FastAPI's own OpenTelemetry stays off unless the environment sets OpenTelemetry up."""
 
+import os
+
 import pytest
 
 from services.core.http import fastapi_telemetry
 
 
 def test_off_without_opentelemetry_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [name for name in __import__("os").environ if name.startswith("OTEL_")]:
+    for name in [name for name in os.environ if name.startswith("OTEL_")]:
         monkeypatch.delenv(name)
     monkeypatch.delenv("FASTAPI_OTEL_AUTO_CONFIGURE", raising=False)
     assert fastapi_telemetry() == {"tracing": False, "metrics": False, "logs": False}
