@@ -4,6 +4,7 @@ generated directly in Postgres (generate_series), so that no benchmark waits for
 from __future__ import annotations
 
 import random
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -43,7 +44,8 @@ class EventFactory:
         stage = rng.choice(self.journey.stages)
         self.counter += 1
         event = {
-            "event_id": f"{self.prefix}-{self.counter}",
+            # Random, as clients' UUIDs are: de-duplication then inserts into random index pages.
+            "event_id": f"{self.prefix}-{uuid.UUID(int=rng.getrandbits(128))}",
             "occurred_at": (now - timedelta(seconds=rng.uniform(0, self.spread_s))).isoformat(),
             "customer_id": f"c{rng.randrange(self.customers)}",
             "journey": self.journey.id,
@@ -190,6 +192,27 @@ async def generate_buckets(conn, tenant: str, events: int, days: int = 30) -> in
     # The windows read the roll-ups: plan them with statistics, as autovacuum would soon.
     await conn.execute("ANALYZE stage_buckets_hourly, stage_buckets_daily")
     return int(status.split()[-1])
+
+
+async def generate_processed_events(conn, tenant: str, events: int, days: int = 30) -> None:
+    """The de-duplication ledger of `events` scored events over `days` (random ids, as clients'
+    UUIDs are; scored_at spread like occurred_at, so the retention keeps them): new events are
+    then claimed against an index of that history, as in production."""
+    await conn.execute("SET work_mem = '256MB'")
+    # Sorted by id: the primary key fills leaf pages in order instead of splitting random ones.
+    await conn.execute(
+        """
+        INSERT INTO processed_events (tenant, event_id, occurred_at, scored_at, payload_hash)
+        SELECT $1, id, at, at, sha256(id::bytea) FROM (
+            SELECT 'hist-' || gen_random_uuid() AS id,
+                now() - make_interval(secs => random() * $3::float8 * 86400) AS at
+            FROM generate_series(1, $2)
+        ) AS history ORDER BY id
+        """,
+        tenant, events, days,
+    )  # fmt: skip
+    await conn.execute("RESET work_mem")
+    await conn.execute("ANALYZE processed_events")
 
 
 async def generate_customers(
