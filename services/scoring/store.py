@@ -11,11 +11,13 @@ alerts look at come back (most rows of a batch at a million customers are none o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 from sqlalchemy import text
@@ -31,6 +33,10 @@ from services.core.scoring import (
     bucket_events,
     merge_customer_events,
 )
+
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 class StaleOffsets(RuntimeError):
@@ -188,27 +194,57 @@ async def score_batch(
     context: ScoringContext,
     now: datetime,
 ) -> BatchOutcome:
-    """Apply one batch inside the caller's transaction. Raises StaleOffsets if fenced off."""
+    """Apply one batch inside the caller's transaction. Raises StaleOffsets if fenced off.
+
+    The pure work overlaps Postgres': the stage-bucket rows are computed while Postgres claims
+    the events, the customer rows while it adds the buckets. They are computed for every event
+    of the batch, as if all were new (the usual case), and again for the new ones if some were
+    seen before."""
     outcome = BatchOutcome(now=now)
     batch = await _Batch.open(conn)
-    fresh, outcome.conflicting = await _claim_new_events(batch, events)
+    unique, outcome.conflicting = _first_of_each_id(events)
+    candidates = list(unique.values())
+    fresh: list[TenantEvent] = []
+    if unique:
+        await batch.stage(
+            "scoring_claims",
+            [(tenant, event_id, item.event.occurred_s, item.payload_hash) for (tenant, event_id), item in unique.items()],
+        )
+        claimed_rows, bucket_rows = await _meanwhile(batch.fetch(_CLAIM), lambda: _bucket_rows(candidates))
+        claimed = {(row["tenant"], row["event_id"]) for row in claimed_rows}
+        fresh = [item for key, item in unique.items() if key in claimed]
+        outcome.conflicting += await _conflicts_with_stored(batch, unique, claimed)
     outcome.duplicates = len(events) - len(fresh)
     outcome.scored = fresh
-
-    by_tenant: dict[str, list[ScoredEvent]] = defaultdict(list)
-    for item in fresh:
-        by_tenant[item.tenant].append(item.event)
-    if by_tenant:
-        await _add_stage_buckets(batch, by_tenant)
-        customer_deltas, stage_deltas = {}, {}
-        for tenant, tenant_events in by_tenant.items():
-            customer_deltas[tenant], stage_deltas[tenant] = merge_customer_events(tenant_events, context.half_lives)
-        await _merge_customer_stages(batch, stage_deltas, context.half_lives)
+    if fresh:
+        if len(fresh) < len(candidates):
+            bucket_rows = _bucket_rows(fresh)
+        await batch.stage("scoring_buckets", bucket_rows)
+        _, (stage_rows, customer_rows) = await _meanwhile(
+            batch.execute(_ADD_STAGE_BUCKETS), lambda: _state_rows(fresh, context.half_lives)
+        )
+        await batch.stage("scoring_customer_stages", stage_rows)
+        await batch.execute(_MERGE_CUSTOMER_STAGES, context.half_lives.index_s)
         hot = {(item.tenant, item.event.customer_id) for item in fresh if item.event.gap <= HOT_GAP}
-        await _merge_customers(batch, customer_deltas, hot, context, now, outcome)
+        tenants = {item.tenant for item in fresh}
+        await _merge_customers(batch, customer_rows, tenants, hot, context, now, outcome)
 
     await _store_offsets(batch, context.group_id, ranges)
     return outcome
+
+
+async def _meanwhile(statement: Awaitable[T], compute: Callable[[], U]) -> tuple[T, U]:
+    """Send `statement`, run `compute` while Postgres works on it, then wait for the statement.
+
+    One step of the event loop sends it (asyncpg writes a prepared statement's execution at once).
+    The connection is not touched again until the statement is done, even if `compute` raises."""
+    running = asyncio.ensure_future(statement)
+    await asyncio.sleep(0)
+    try:
+        computed = compute()
+    finally:
+        result = await running
+    return result, computed
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,12 +262,10 @@ _STORED_HASHES = (
 )
 
 
-async def _claim_new_events(batch: _Batch, events: list[TenantEvent]) -> tuple[list[TenantEvent], int]:
-    """Record (tenant, event_id) of every event; keep those never seen before (first wins).
-
-    Also returns how many of the others carried a payload different from the one kept: a client
-    that reused an event id for another event (ignored, but counted so that someone looks).
-    """
+def _first_of_each_id(events: list[TenantEvent]) -> tuple[dict[tuple[str, str], TenantEvent], int]:
+    """The first event of each (tenant, event_id) in the batch, and how many of the others carried
+    a payload different from it: a client that reused an event id for another event (ignored,
+    but counted so that someone looks)."""
     unique: dict[tuple[str, str], TenantEvent] = {}
     conflicting = 0
     for item in events:
@@ -239,23 +273,19 @@ async def _claim_new_events(batch: _Batch, events: list[TenantEvent]) -> tuple[l
         first = unique.setdefault(key, item)
         if first is not item and _differ(first.payload_hash, item.payload_hash):
             conflicting += 1
-    if not unique:
-        return [], 0
-    await batch.stage(
-        "scoring_claims",
-        [(tenant, event_id, item.event.occurred_s, item.payload_hash) for (tenant, event_id), item in unique.items()],
-    )
-    claimed = {(row["tenant"], row["event_id"]) for row in await batch.fetch(_CLAIM)}
+    return unique, conflicting
+
+
+async def _conflicts_with_stored(
+    batch: _Batch, unique: dict[tuple[str, str], TenantEvent], claimed: set[tuple[str, str]]
+) -> int:
+    """How many of the batch's events seen before carried a payload different from the one scored."""
     seen_before = [key for key in unique if key not in claimed]
-    if seen_before:
-        # A separate statement: it sees rows committed by other consumers since the INSERT began.
-        stored = await batch.fetch(
-            _STORED_HASHES, [key[0] for key in seen_before], [key[1] for key in seen_before]
-        )
-        for row in stored:
-            if _differ(row["payload_hash"], unique[(row["tenant"], row["event_id"])].payload_hash):
-                conflicting += 1
-    return [item for key, item in unique.items() if key in claimed], conflicting
+    if not seen_before:
+        return 0
+    # A separate statement: it sees rows committed by other consumers since the claim began.
+    stored = await batch.fetch(_STORED_HASHES, [key[0] for key in seen_before], [key[1] for key in seen_before])
+    return sum(_differ(row["payload_hash"], unique[(row["tenant"], row["event_id"])].payload_hash) for row in stored)
 
 
 def _differ(kept: bytes | None, other: bytes | None) -> bool:
@@ -287,16 +317,22 @@ _ADD_STAGE_BUCKETS = (
 )
 
 
-async def _add_stage_buckets(batch: _Batch, by_tenant: dict[str, list[ScoredEvent]]) -> None:
-    records = [
+def _by_tenant(events: list[TenantEvent]) -> dict[str, list[ScoredEvent]]:
+    grouped: dict[str, list[ScoredEvent]] = defaultdict(list)
+    for item in events:
+        grouped[item.tenant].append(item.event)
+    return grouped
+
+
+def _bucket_rows(events: list[TenantEvent]) -> list[tuple]:
+    """The batch's minute buckets as scoring_buckets rows."""
+    return [
         (tenant, journey, stage, minute_s, touchpoint, channel)
         + tuple(getattr(bucket, name) for name in _BUCKET_SUMS)
         + ("{" + ",".join(map(str, bucket.gap_histogram)) + "}",)
-        for tenant, events in by_tenant.items()
-        for (journey, stage, touchpoint, channel, minute_s), bucket in bucket_events(events).items()
+        for tenant, tenant_events in _by_tenant(events).items()
+        for (journey, stage, touchpoint, channel, minute_s), bucket in bucket_events(tenant_events).items()
     ]
-    await batch.stage("scoring_buckets", records)
-    await batch.execute(_ADD_STAGE_BUCKETS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,14 +365,26 @@ _MERGE_CUSTOMER_STAGES = (
 )
 
 
-async def _merge_customer_stages(batch: _Batch, deltas: dict[str, dict], half_lives: HalfLives) -> None:
-    records = [
-        (tenant, customer_id, journey, stage, state.ref_s, state.gap_sum, state.weight_sum, state.events)
-        for tenant, tenant_deltas in deltas.items()
-        for (customer_id, journey, stage), state in tenant_deltas.items()
-    ]
-    await batch.stage("scoring_customer_stages", records)
-    await batch.execute(_MERGE_CUSTOMER_STAGES, half_lives.index_s)
+def _state_rows(events: list[TenantEvent], half_lives: HalfLives) -> tuple[list[tuple], list[tuple]]:
+    """The batch folded per customer stage and per customer (services.core.scoring's maths), as
+    scoring_customer_stages and scoring_customers rows."""
+    stage_rows: list[tuple] = []
+    customer_rows: list[tuple] = []
+    for tenant, tenant_events in _by_tenant(events).items():
+        customers, stages = merge_customer_events(tenant_events, half_lives)
+        stage_rows += [
+            (tenant, customer_id, journey, stage, state.ref_s, state.gap_sum, state.weight_sum, state.events)
+            for (customer_id, journey, stage), state in stages.items()
+        ]
+        customer_rows += [
+            (
+                tenant, customer_id, state.ref_s, state.first_event_s, state.latest_journey, state.latest_event_id,
+                state.index_gap_sum, state.index_weight_sum, state.trend_gap_sum, state.trend_weight_sum,
+                state.revenue_sum, state.events,
+            )  # fmt: skip
+            for customer_id, state in customers.items()
+        ]
+    return stage_rows, customer_rows
 
 
 _CUSTOMER_STATE = (
@@ -446,24 +494,16 @@ def _customer_state(values: Mapping) -> CustomerState:
 
 async def _merge_customers(
     batch: _Batch,
-    deltas: dict[str, dict[str, CustomerState]],
+    records: list[tuple],
+    tenants: set[str],
     hot: set[tuple[str, str]],
     context: ScoringContext,
     now: datetime,
     outcome: BatchOutcome,
 ) -> None:
-    records = [
-        (
-            tenant, customer_id, state.ref_s, state.first_event_s, state.latest_journey, state.latest_event_id,
-            state.index_gap_sum, state.index_weight_sum, state.trend_gap_sum, state.trend_weight_sum,
-            state.revenue_sum, state.events,
-        )  # fmt: skip
-        for tenant, tenant_deltas in deltas.items()
-        for customer_id, state in tenant_deltas.items()
-    ]
     thresholds = [
         (tenant, journey_id, journey.experience_threshold, journey.revenue_threshold)
-        for tenant in deltas
+        for tenant in tenants
         for journey_id, journey in context.journeys.of(tenant).items()
     ]
     await batch.stage("scoring_customers", records)
