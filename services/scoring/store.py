@@ -206,6 +206,7 @@ async def score_batch(
     candidates = list(unique.values())
     fresh: list[TenantEvent] = []
     if unique:
+        # The ledger keeps the first copy of each id: the ids claimed now are the new events.
         await batch.stage(
             "scoring_claims",
             [(tenant, event_id, item.event.occurred_s, item.payload_hash) for (tenant, event_id), item in unique.items()],
