@@ -345,7 +345,7 @@ class Scorer:
                     await asyncio.sleep(0)
         return decoded
 
-    async def _process_with_retry(self, batch: Batch, decoded: Decoded | None = None) -> bool:
+    async def _process_with_retry(self, batch: Batch, decoded: Decoded) -> bool:
         """Commit the batch, retrying transient failures with backoff; a batch Postgres refuses is
         split until the records it refuses are alone, and those go to the DLQ. Returns False if
         stopped before the batch was committed (nothing of it was)."""
@@ -358,7 +358,7 @@ class Scorer:
                 part = pending[0]
                 try:
                     async with self.batch_lock:
-                        await self._process(part, decoded or {})
+                        await self._process(part, decoded)
                     pending.pop(0)
                     delay = FIRST_BACKOFF_S
                     self.last_error = None
@@ -464,7 +464,7 @@ class Scorer:
         for tp, records in batch.items():
             if (tp.topic, tp.partition) in owned:
                 for record in records:
-                    item = decoded.get((tp, record.offset)) or decode(record, self.settings)
+                    item = decoded[(tp, record.offset)]  # every record of the polled batch
                     (poison if isinstance(item, PoisonRecord) else events).append(item)
         # Poison records are on the DLQ (acknowledged) before their offsets are committed.
         await self._send_to_dlq(poison)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
@@ -203,7 +203,7 @@ async def score_batch(
     outcome = BatchOutcome(now=now)
     batch = await _Batch.open(conn)
     unique, outcome.conflicting = _first_of_each_id(events)
-    candidates = list(unique.values())
+    by_tenant = _by_tenant(unique.values())
     fresh: list[TenantEvent] = []
     if unique:
         # The ledger keeps the first copy of each id: the ids claimed now are the new events.
@@ -211,24 +211,24 @@ async def score_batch(
             "scoring_claims",
             [(tenant, event_id, item.event.occurred_s, item.payload_hash) for (tenant, event_id), item in unique.items()],
         )
-        claimed_rows, bucket_rows = await _meanwhile(batch.fetch(_CLAIM), lambda: _bucket_rows(candidates))
+        claimed_rows, bucket_rows = await _meanwhile(batch.fetch(_CLAIM), lambda: _bucket_rows(by_tenant))
         claimed = {(row["tenant"], row["event_id"]) for row in claimed_rows}
         fresh = [item for key, item in unique.items() if key in claimed]
         outcome.conflicting += await _conflicts_with_stored(batch, unique, claimed)
     outcome.duplicates = len(events) - len(fresh)
     outcome.scored = fresh
     if fresh:
-        if len(fresh) < len(candidates):
-            bucket_rows = _bucket_rows(fresh)
+        if len(fresh) < len(unique):
+            by_tenant = _by_tenant(fresh)
+            bucket_rows = _bucket_rows(by_tenant)
         await batch.stage("scoring_buckets", bucket_rows)
         _, (stage_rows, customer_rows) = await _meanwhile(
-            batch.execute(_ADD_STAGE_BUCKETS), lambda: _state_rows(fresh, context.half_lives)
+            batch.execute(_ADD_STAGE_BUCKETS), lambda: _state_rows(by_tenant, context.half_lives)
         )
         await batch.stage("scoring_customer_stages", stage_rows)
         await batch.execute(_MERGE_CUSTOMER_STAGES, context.half_lives.index_s)
         hot = {(item.tenant, item.event.customer_id) for item in fresh if item.event.gap <= HOT_GAP}
-        tenants = {item.tenant for item in fresh}
-        await _merge_customers(batch, customer_rows, tenants, hot, context, now, outcome)
+        await _merge_customers(batch, customer_rows, by_tenant.keys(), hot, context, now, outcome)
 
     await _store_offsets(batch, context.group_id, ranges)
     return outcome
@@ -318,20 +318,20 @@ _ADD_STAGE_BUCKETS = (
 )
 
 
-def _by_tenant(events: list[TenantEvent]) -> dict[str, list[ScoredEvent]]:
+def _by_tenant(events: Iterable[TenantEvent]) -> dict[str, list[ScoredEvent]]:
     grouped: dict[str, list[ScoredEvent]] = defaultdict(list)
     for item in events:
         grouped[item.tenant].append(item.event)
     return grouped
 
 
-def _bucket_rows(events: list[TenantEvent]) -> list[tuple]:
+def _bucket_rows(by_tenant: dict[str, list[ScoredEvent]]) -> list[tuple]:
     """The batch's minute buckets as scoring_buckets rows."""
     return [
         (tenant, journey, stage, minute_s, touchpoint, channel)
         + tuple(getattr(bucket, name) for name in _BUCKET_SUMS)
         + ("{" + ",".join(map(str, bucket.gap_histogram)) + "}",)
-        for tenant, tenant_events in _by_tenant(events).items()
+        for tenant, tenant_events in by_tenant.items()
         for (journey, stage, touchpoint, channel, minute_s), bucket in bucket_events(tenant_events).items()
     ]
 
@@ -366,12 +366,14 @@ _MERGE_CUSTOMER_STAGES = (
 )
 
 
-def _state_rows(events: list[TenantEvent], half_lives: HalfLives) -> tuple[list[tuple], list[tuple]]:
+def _state_rows(
+    by_tenant: dict[str, list[ScoredEvent]], half_lives: HalfLives
+) -> tuple[list[tuple], list[tuple]]:
     """The batch folded per customer stage and per customer (services.core.scoring's maths), as
     scoring_customer_stages and scoring_customers rows."""
     stage_rows: list[tuple] = []
     customer_rows: list[tuple] = []
-    for tenant, tenant_events in _by_tenant(events).items():
+    for tenant, tenant_events in by_tenant.items():
         customers, stages = merge_customer_events(tenant_events, half_lives)
         stage_rows += [
             (tenant, customer_id, journey, stage, state.ref_s, state.gap_sum, state.weight_sum, state.events)
@@ -496,7 +498,7 @@ def _customer_state(values: Mapping) -> CustomerState:
 async def _merge_customers(
     batch: _Batch,
     records: list[tuple],
-    tenants: set[str],
+    tenants: Iterable[str],
     hot: set[tuple[str, str]],
     context: ScoringContext,
     now: datetime,
