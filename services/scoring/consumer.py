@@ -43,7 +43,6 @@ log = logging.getLogger("cem.scoring")
 # Called inside the batch transaction after the aggregates are updated (alert evaluation).
 AfterBatch = Callable[[object, BatchOutcome], Awaitable[None]]
 Batch = dict[TopicPartition, list[ConsumerRecord]]
-Decoded = dict[tuple[TopicPartition, int], "TenantEvent | PoisonRecord"]
 
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
@@ -165,8 +164,7 @@ class _ResumeFromStoredOffsets(ConsumerRebalanceListener):
         self.scorer = scorer
 
     async def on_partitions_revoked(self, revoked):
-        # Nothing to flush: a batch being scored holds batch_lock until it is committed with its
-        # offsets, and a batch polled but not yet scored skips revoked partitions (_ranges).
+        # Nothing to flush: every batch is committed (with its offsets) before the next poll.
         async with self.scorer.batch_lock:
             for partition in revoked:
                 self.scorer.stored_offsets.pop(partition, None)
@@ -277,10 +275,6 @@ class Scorer:
         self.running = True
         poll_backoff_s = FIRST_BACKOFF_S
         drained = True
-        # The batch being scored, while the next one is polled and decoded: decoding is pure and
-        # a third of the process's work, so it fills the time spent waiting for Postgres. Batches
-        # are still scored and committed one after the other, in order.
-        scoring: asyncio.Task[bool] | None = None
         try:
             while not self._stopping.is_set():
                 await self._retry_unresumed()
@@ -295,24 +289,11 @@ class Scorer:
                     poll_backoff_s = min(poll_backoff_s * 2, MAX_BACKOFF_S)
                     continue
                 poll_backoff_s = FIRST_BACKOFF_S
-                decoded = await self._decode_ahead(batch)
-                if scoring is not None:
-                    drained = await scoring
-                    scoring = None
-                    if self._stopping.is_set():
-                        break  # the batch just polled was not started: it is read again on restart
                 if batch:
-                    scoring = asyncio.create_task(self._process_with_retry(batch, decoded))
+                    drained = await self._process_with_retry(batch)
                 self._export_lag()
-            if scoring is not None:
-                drained = await scoring
             self.drained = drained
         finally:
-            if scoring is not None and not scoring.done():
-                # run() itself was cancelled: so is the batch (its transaction rolls back), before
-                # the clients stop under it.
-                scoring.cancel()
-                await asyncio.gather(scoring, return_exceptions=True)
             self.running = False
             log.info("scoring consumer stopping after %d batches; drained: %s", self.batches, self.drained)
             await self.consumer.stop()
@@ -334,18 +315,7 @@ class Scorer:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _decode_ahead(self, batch: Batch) -> Decoded:
-        """Every record of `batch` decoded, a hundred at a time so that the batch being scored
-        meanwhile gets its Postgres answers without waiting for all of them."""
-        decoded: Decoded = {}
-        for tp, records in batch.items():
-            for record in records:
-                decoded[(tp, record.offset)] = decode(record, self.settings)
-                if len(decoded) % 100 == 0:
-                    await asyncio.sleep(0)
-        return decoded
-
-    async def _process_with_retry(self, batch: Batch, decoded: Decoded) -> bool:
+    async def _process_with_retry(self, batch: Batch) -> bool:
         """Commit the batch, retrying transient failures with backoff; a batch Postgres refuses is
         split until the records it refuses are alone, and those go to the DLQ. Returns False if
         stopped before the batch was committed (nothing of it was)."""
@@ -358,7 +328,7 @@ class Scorer:
                 part = pending[0]
                 try:
                     async with self.batch_lock:
-                        await self._process(part, decoded)
+                        await self._process(part)
                     pending.pop(0)
                     delay = FIRST_BACKOFF_S
                     self.last_error = None
@@ -452,7 +422,7 @@ class Scorer:
             ranges.append(PartitionRange(tp.topic, tp.partition, stored, records[-1].offset + 1))
         return ranges
 
-    async def _process(self, batch: Batch, decoded: Decoded) -> None:
+    async def _process(self, batch: Batch) -> None:
         started = time.perf_counter()
         batch_id = uuid.uuid4().hex[:12]
         ranges = self._ranges(batch)
@@ -464,8 +434,8 @@ class Scorer:
         for tp, records in batch.items():
             if (tp.topic, tp.partition) in owned:
                 for record in records:
-                    item = decoded[(tp, record.offset)]  # every record of the polled batch
-                    (poison if isinstance(item, PoisonRecord) else events).append(item)
+                    decoded = decode(record, self.settings)
+                    (poison if isinstance(decoded, PoisonRecord) else events).append(decoded)
         # Poison records are on the DLQ (acknowledged) before their offsets are committed.
         await self._send_to_dlq(poison)
 
