@@ -43,6 +43,7 @@ log = logging.getLogger("cem.scoring")
 # Called inside the batch transaction after the aggregates are updated (alert evaluation).
 AfterBatch = Callable[[object, BatchOutcome], Awaitable[None]]
 Batch = dict[TopicPartition, list[ConsumerRecord]]
+Decoded = dict[tuple[TopicPartition, int], "TenantEvent | PoisonRecord"]
 
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
@@ -155,6 +156,34 @@ def _split(batch: Batch) -> tuple[Batch, Batch]:
     return halves
 
 
+def without_committed(polled: Batch, scored: Batch, stored_offsets: dict[TopicPartition, int | None]) -> Batch:
+    """`polled` less the records of `scored` that were committed while it was being polled.
+
+    A poll that runs while a batch is scored can return that batch's records again: aiokafka may
+    have fetched them twice, once before and once after a seek to the stored offsets on
+    assignment. Scoring them again would lose nothing (their event ids are dropped as
+    duplicates), but their poison records would go to the DLQ a second time. A record is only
+    dropped if it is the same record (partition, offset and bytes) and its offset is now below the
+    stored offset, so records of a topic recreated with the same offsets are still read."""
+    kept: Batch = {}
+    for tp, records in polled.items():
+        stored = stored_offsets.get(tp)
+        scored_values = {record.offset: record.value for record in scored.get(tp, ())}
+        if stored is not None and scored_values:
+            records = [
+                record
+                for record in records
+                if not (
+                    record.offset < stored
+                    and record.offset in scored_values
+                    and scored_values[record.offset] == record.value
+                )
+            ]
+        if records:
+            kept[tp] = records
+    return kept
+
+
 def _size(batch: Batch) -> int:
     return sum(len(records) for records in batch.values())
 
@@ -164,7 +193,8 @@ class _ResumeFromStoredOffsets(ConsumerRebalanceListener):
         self.scorer = scorer
 
     async def on_partitions_revoked(self, revoked):
-        # Nothing to flush: every batch is committed (with its offsets) before the next poll.
+        # Nothing to flush: a batch being scored holds batch_lock until it is committed with its
+        # offsets, and a batch polled but not yet scored skips revoked partitions (_ranges).
         async with self.scorer.batch_lock:
             for partition in revoked:
                 self.scorer.stored_offsets.pop(partition, None)
@@ -275,6 +305,11 @@ class Scorer:
         self.running = True
         poll_backoff_s = FIRST_BACKOFF_S
         drained = True
+        # The batch being scored, while the next one is polled and decoded: decoding is pure and
+        # a third of the process's work, so it fills the time spent waiting for Postgres. Batches
+        # are still scored and committed one after the other, in order.
+        scoring: asyncio.Task[bool] | None = None
+        scored: Batch = {}
         try:
             while not self._stopping.is_set():
                 await self._retry_unresumed()
@@ -289,11 +324,29 @@ class Scorer:
                     poll_backoff_s = min(poll_backoff_s * 2, MAX_BACKOFF_S)
                     continue
                 poll_backoff_s = FIRST_BACKOFF_S
+                decoded = await self._decode_ahead(batch)
+                if scoring is not None:
+                    drained = await scoring
+                    scoring = None
+                    if self._stopping.is_set():
+                        break  # the batch just polled was not started: it is read again on restart
+                    polled = _size(batch)
+                    batch = without_committed(batch, scored, self.stored_offsets)
+                    if _size(batch) < polled:
+                        log.info("%d records polled again after their batch committed: dropped", polled - _size(batch))
                 if batch:
-                    drained = await self._process_with_retry(batch)
+                    scored = batch
+                    scoring = asyncio.create_task(self._process_with_retry(batch, decoded))
                 self._export_lag()
+            if scoring is not None:
+                drained = await scoring
             self.drained = drained
         finally:
+            if scoring is not None and not scoring.done():
+                # run() itself was cancelled: so is the batch (its transaction rolls back), before
+                # the clients stop under it.
+                scoring.cancel()
+                await asyncio.gather(scoring, return_exceptions=True)
             self.running = False
             log.info("scoring consumer stopping after %d batches; drained: %s", self.batches, self.drained)
             await self.consumer.stop()
@@ -315,7 +368,18 @@ class Scorer:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _process_with_retry(self, batch: Batch) -> bool:
+    async def _decode_ahead(self, batch: Batch) -> Decoded:
+        """Every record of `batch` decoded, a hundred at a time so that the batch being scored
+        meanwhile gets its Postgres answers without waiting for all of them."""
+        decoded: Decoded = {}
+        for tp, records in batch.items():
+            for record in records:
+                decoded[(tp, record.offset)] = decode(record, self.settings)
+                if len(decoded) % 100 == 0:
+                    await asyncio.sleep(0)
+        return decoded
+
+    async def _process_with_retry(self, batch: Batch, decoded: Decoded) -> bool:
         """Commit the batch, retrying transient failures with backoff; a batch Postgres refuses is
         split until the records it refuses are alone, and those go to the DLQ. Returns False if
         stopped before the batch was committed (nothing of it was)."""
@@ -328,7 +392,7 @@ class Scorer:
                 part = pending[0]
                 try:
                     async with self.batch_lock:
-                        await self._process(part)
+                        await self._process(part, decoded)
                     pending.pop(0)
                     delay = FIRST_BACKOFF_S
                     self.last_error = None
@@ -422,7 +486,7 @@ class Scorer:
             ranges.append(PartitionRange(tp.topic, tp.partition, stored, records[-1].offset + 1))
         return ranges
 
-    async def _process(self, batch: Batch) -> None:
+    async def _process(self, batch: Batch, decoded: Decoded) -> None:
         started = time.perf_counter()
         batch_id = uuid.uuid4().hex[:12]
         ranges = self._ranges(batch)
@@ -434,8 +498,8 @@ class Scorer:
         for tp, records in batch.items():
             if (tp.topic, tp.partition) in owned:
                 for record in records:
-                    decoded = decode(record, self.settings)
-                    (poison if isinstance(decoded, PoisonRecord) else events).append(decoded)
+                    item = decoded[(tp, record.offset)]  # every record of the polled batch
+                    (poison if isinstance(item, PoisonRecord) else events).append(item)
         # Poison records are on the DLQ (acknowledged) before their offsets are committed.
         await self._send_to_dlq(poison)
 

@@ -629,6 +629,65 @@ async def test_poison_records_go_to_the_dlq_with_reason_and_source_and_the_parti
         await engine.dispose()
 
 
+@pytest.mark.timeout(120)
+async def test_records_polled_again_while_their_batch_is_scored_are_scored_and_dead_lettered_once(
+    request, settings, caplog
+):
+    # The race: aiokafka can hand a batch's records out again to the poll that runs while the batch
+    # is scored (fetched before and again after the seek to the stored offsets on assignment).
+    # Forced here: while the first batch is scored, its partitions are sought back to the offsets
+    # stored before it, as the rebalance listener does, with the next poll waiting for records.
+    settings = settings.model_copy(update={"scoring_poll_timeout_ms": 5_000})
+    await ensure_topics(settings)
+    engine = create_engine(settings.database_url)
+    records = generate_records(settings.tenant, 300, seed=85, customers=30)
+    poison = {what: value for what, value in poison_values(settings.tenant, records[0]).items()}
+    poison.pop("refused by Postgres")  # found by splitting its batch: another path, tested above
+    producer = create_producer(settings)
+    await producer.start()
+    sought_back: list[dict] = []
+
+    async def seek_back_once(conn, outcome) -> None:
+        if sought_back or not outcome.scored:
+            return
+        stored = {tp: scorer.stored_offsets.get(tp) or 0 for tp in scorer.consumer.assignment()}
+        for tp, offset in stored.items():
+            scorer.consumer.seek(tp, offset)
+        sought_back.append(stored)
+        await asyncio.sleep(0.5)  # the waiting poll fetches the records again meanwhile
+
+    try:
+        await produce(settings, records)
+        for value in poison.values():
+            await producer.send_and_wait(settings.touchpoints_topic, value=value, key=b"poison", partition=0)
+        dlq_before = dlq_total()
+        scorer = Scorer(settings, engine, JourneyLoader.shipped(settings), after_batch=seek_back_once)
+        caplog.set_level("INFO", logger="cem.scoring")
+        task = asyncio.create_task(scorer.run())
+        try:
+            await wait_until_processed(engine, settings.tenant, len(records))
+            while await stored_offsets_total(engine, settings) < len(records) + len(poison):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # a second scoring of the records polled again would land now
+        finally:
+            scorer.stop()
+            await asyncio.wait_for(task, 30)
+        dead_letters = await read_topic(settings, settings.dlq_topic)
+
+        assert sought_back, "the first batch was never scored"
+        assert "polled again after their batch committed: dropped" in caplog.text
+        assert len(dead_letters) == len(poison)
+        assert dlq_total() - dlq_before == len(poison)
+        await assert_figures_exact(engine, settings, records)
+        report(
+            request, events_sent=len(records) + len(poison), faults="a batch's records polled again while it was scored",
+            faults_injected=1, dead_letters=len(dead_letters), events_lost=0, events_double_counted=0,
+        )  # fmt: skip
+    finally:
+        await producer.stop()
+        await engine.dispose()
+
+
 def cem(settings, *args: str) -> subprocess.CompletedProcess:
     """Run the `cem` command line with these settings, as an operator would."""
     return subprocess.run(
