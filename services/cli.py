@@ -305,8 +305,10 @@ def dev(  # noqa: C901 - one linear start-up sequence
 
     os.environ.setdefault("CEM_LOG_FORMAT", "text")  # a person reads this terminal
     _setup_logging()
-    # `kill` or a supervisor's SIGTERM stops the stack in order, as Ctrl-C does.
+    # `kill` or a supervisor's SIGTERM stops the stack in order, as Ctrl-C does. SIGINT too when
+    # a shell starts a background job with SIGINT ignored, and Python then leaves it ignored.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     settings = Settings()
     env = dict(os.environ)
     embedded: list = []

@@ -210,5 +210,5 @@ def test_cem_dev_starts_the_stack_and_scores_a_posted_event(tmp_path):
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
-            raise
+            raise AssertionError("cem dev did not stop within 60 s of Ctrl-C:\n" + "".join(output)) from None
     assert process.returncode == 0
