@@ -20,19 +20,21 @@ from sqlalchemy import (
     DateTime,
     Interval,
     Select,
+    SmallInteger,
     Text,
     any_,
     bindparam,
     cast,
     func,
+    literal,
     literal_column,
     select,
     union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.core.bucket_windows import DAY, HOUR, MINUTE, series_ranges, window_ranges
-from services.core.db.stage_windows import STAGE_TABLES, window_rows
+from services.core.bucket_windows import DAY, HOUR, MINUTE, BucketRange, series_ranges, window_ranges
+from services.core.db.stage_windows import STAGE_TABLES, has_events, signed_sum, window_rows
 from services.core.scoring import GAP_HISTOGRAM_BINS, StageBucket
 
 _COUNTS = ("events", "shortfall_events", "promise_kept_events", "negative_emotion_events")
@@ -43,18 +45,21 @@ _SUMS = (
 _VALUES = (*_COUNTS, *_SUMS, "gap_histogram")
 
 
-def _bucket_sums(table: ColumnCollection) -> list[ColumnElement]:
+def _bucket_sums(rows: ColumnCollection) -> list[ColumnElement]:
     # sum(bigint) is numeric in Postgres: cast the counts back to bigint.
-    counts = [cast(func.sum(table[name]), BigInteger).label(name) for name in _COUNTS]
-    sums = [func.sum(table[name]).label(name) for name in _SUMS]
-    return [*counts, *sums, _histogram_sum(table.gap_histogram.table.name)]
+    counts = [cast(signed_sum(rows, name), BigInteger).label(name) for name in _COUNTS]
+    sums = [signed_sum(rows, name).label(name) for name in _SUMS]
+    return [*counts, *sums, _histogram_sum(rows.gap_histogram.table.name)]
 
 
 @cache
 def _histogram_sum(alias: str) -> ColumnElement:
-    """The histogram summed element by element (Postgres arrays are 1-based), in the same pass.
-    SQL text built once: as 40 SQLAlchemy expressions it took ~3 ms of every request to build."""
-    bins = ", ".join(f"coalesce(sum({alias}.gap_histogram[{i}]), 0)::bigint" for i in range(1, GAP_HISTOGRAM_BINS + 1))
+    """The histogram summed element by element (Postgres arrays are 1-based), in the same pass, as
+    signed_sum does. SQL text built once: as 40 SQLAlchemy expressions it took ~3 ms of every
+    request to build."""
+    bins = ", ".join(
+        f"coalesce(sum({alias}.sign * {alias}.gap_histogram[{i}]), 0)::bigint" for i in range(1, GAP_HISTOGRAM_BINS + 1)
+    )
     return literal_column(f"ARRAY[{bins}]::bigint[]", ARRAY(BigInteger)).label("gap_histogram")
 
 
@@ -78,15 +83,20 @@ class Window:
         start = (now - length).replace(second=0, microsecond=0)  # date_trunc('minute', now - window)
         return Window(start=start, end=now)
 
+    def ranges(self) -> list[BucketRange]:
+        """The rows to read: the window is open (no upper bound), and no rows lie much past `end`."""
+        return window_ranges(self.start, now=self.end)
+
 
 def _stage_sums_statement() -> Select:
     """The sums per stage over a window, as one statement with bind parameters, built once: its
     SQL, and the server's prepared statement on each pooled connection, are reused by every request.
 
     A window without an end is at most three ranges (bucket_windows.window_ranges): minute rows to
-    the first whole hour, hours to the first whole day, days; hours and days come from the
-    per-stage pre-sums (migration 0008), ~7 rows a day for a journey instead of one per
-    (stage, touchpoint, channel). A range that is not needed is empty ([start, start))."""
+    the first whole hour (or the minutes to subtract from the first hour's row: `minute_sign`
+    -1), hours to the first whole day, days; hours and days come from the per-stage pre-sums
+    (migration 0008), ~7 rows a day for a journey instead of one per (stage, touchpoint,
+    channel). A range that is not needed is empty ([start, start))."""
     arms = []
     for granularity, (table, time_name) in STAGE_TABLES.items():
         time = table.c[time_name]
@@ -94,8 +104,9 @@ def _stage_sums_statement() -> Select:
         bounds = [time >= bindparam(f"{name}_start", type_=DateTime(timezone=True))]
         if granularity != DAY:
             bounds.append(time < bindparam(f"{name}_end", type_=DateTime(timezone=True)))
+        sign = bindparam("minute_sign", type_=SmallInteger) if granularity == MINUTE else literal(1, SmallInteger)
         arms.append(
-            select(table.c.stage, *(table.c[value] for value in _VALUES)).where(
+            select(table.c.stage, *(table.c[value] for value in _VALUES), sign.label("sign")).where(
                 table.c.tenant == bindparam("tenant"),
                 table.c.journey == bindparam("journey"),
                 # One array parameter, whatever the number of stages: the same SQL for every journey.
@@ -104,7 +115,7 @@ def _stage_sums_statement() -> Select:
             )
         )
     rows = union_all(*arms).subquery("buckets")
-    return select(rows.c.stage, *_bucket_sums(rows.c)).group_by(rows.c.stage)
+    return select(rows.c.stage, *_bucket_sums(rows.c)).group_by(rows.c.stage).having(has_events(rows.c))
 
 
 _STAGE_SUMS = _stage_sums_statement()
@@ -112,15 +123,17 @@ _STAGE_SUMS = _stage_sums_statement()
 
 def _stage_sums_parameters(tenant: str, journey: str, stages: list[str], window: Window) -> dict:
     start = window.start
-    parameters = {"tenant": tenant, "journey": journey, "stages": list(stages)}
+    parameters = {"tenant": tenant, "journey": journey, "stages": list(stages), "minute_sign": 1}
     names = {MINUTE: "minute", HOUR: "hour", DAY: "day"}
-    ranges = window_ranges(start)
+    ranges = window.ranges()
     # The shape the statement expects: one range per granularity at most, the day range last and open.
     assert len({r.granularity for r in ranges}) == len(ranges) and ranges[-1].granularity == DAY, ranges
     for bucket_range in ranges:
         parameters[f"{names[bucket_range.granularity]}_start"] = bucket_range.start
         if bucket_range.end is not None:
             parameters[f"{names[bucket_range.granularity]}_end"] = bucket_range.end
+        if bucket_range.granularity == MINUTE:
+            parameters["minute_sign"] = bucket_range.sign
     for name in ("minute", "hour"):  # not needed: empty
         parameters.setdefault(f"{name}_start", start)
         parameters.setdefault(f"{name}_end", start)
@@ -143,11 +156,15 @@ async def sum_by_touchpoint(
     connection: AsyncConnection, tenant: str, journey: str, stage: str, window: Window
 ) -> dict[tuple[str, str], StageBucket]:
     rows = window_rows(
-        window_ranges(window.start),
+        window.ranges(),
         ("touchpoint", "channel", *_VALUES),
         lambda table: [table.tenant == tenant, table.journey == journey, table.stage == stage],
     )
-    query = select(rows.c.touchpoint, rows.c.channel, *_bucket_sums(rows.c)).group_by(rows.c.touchpoint, rows.c.channel)
+    query = (
+        select(rows.c.touchpoint, rows.c.channel, *_bucket_sums(rows.c))
+        .group_by(rows.c.touchpoint, rows.c.channel)
+        .having(has_events(rows.c))
+    )
     return {(row.touchpoint, row.channel): _stage_bucket(row) for row in await connection.execute(query)}
 
 

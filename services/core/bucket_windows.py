@@ -4,6 +4,11 @@ Pure. The minute buckets are also summed per UTC hour and day (migration 0006), 
 and day in progress included; so a window [start, end) reads minute rows up to the first whole
 hour, hour rows up to the first whole day, whole days, then hours and minutes up to the end. A
 window without an end (events may be a few minutes ahead of now) reads day rows to the end.
+
+Every value in a bucket is a count or a sum, so rows can also be subtracted: an open window that
+starts a few minutes into an hour reads that hour's row less those minutes, instead of the rest
+of the hour in minute rows. Its first hour then costs at most 30 minutes of minute rows, not up
+to 59 (`window_ranges(..., now=...)`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # hours and days are UTC one
 
 @dataclass(frozen=True)
 class BucketRange:
-    """The rows of one granularity whose start is in [start, end); end None: no upper bound."""
+    """The rows of one granularity whose start is in [start, end); end None: no upper bound.
+    sign -1: rows to subtract from the sums, not add."""
 
     granularity: timedelta
     start: datetime
     end: datetime | None
+    sign: int = 1
 
 
 def floor_to(moment: datetime, granularity: timedelta) -> datetime:
@@ -36,11 +43,25 @@ def ceil_to(moment: datetime, granularity: timedelta) -> datetime:
     return _EPOCH - (_EPOCH - moment) // granularity * granularity
 
 
-def window_ranges(start: datetime, end: datetime | None = None) -> list[BucketRange]:
-    """The fewest rows covering exactly the minutes of [start, end), coarsest where they fit."""
+def window_ranges(start: datetime, end: datetime | None = None, *, now: datetime | None = None) -> list[BucketRange]:
+    """The fewest rows covering exactly the minutes of [start, end), coarsest where they fit.
+
+    With `now` (an open window only: no rows lie much past now), the minutes of the window's first,
+    partial hour may instead be read as that hour's row less the minute rows before `start`,
+    whichever is fewer minutes; the ranges then hold one with sign -1."""
     if start != floor_to(start, MINUTE) or (end is not None and end != floor_to(end, MINUTE)):
         raise ValueError(f"window bounds must be whole minutes: {start}, {end}")
-    return _merged(_tile(start, end, len(GRANULARITIES) - 1))
+    if now is not None and end is not None:
+        raise ValueError("now is for open windows: a closed window's rows lie within its bounds")
+    ranges = list(_tile(start, end, len(GRANULARITIES) - 1))
+    head_hour = floor_to(start, HOUR)
+    minutes_before = start - head_hour
+    minutes_after = min(head_hour + HOUR, max(now, start)) - start if now is not None else timedelta(0)
+    if MINUTE <= minutes_before < minutes_after:
+        # The first range is [start, head_hour + HOUR) in minutes (the window is open, so it
+        # reaches past the head hour): read the hour's row less the minutes before start.
+        ranges[0:1] = [BucketRange(MINUTE, head_hour, start, sign=-1), BucketRange(HOUR, head_hour, head_hour + HOUR)]
+    return _merged(ranges)
 
 
 def _tile(start: datetime, end: datetime | None, coarsest: int) -> Iterator[BucketRange]:
@@ -87,8 +108,12 @@ def _merged(ranges: list[BucketRange] | Iterator[BucketRange]) -> list[BucketRan
     merged: list[BucketRange] = []
     for bucket_range in ranges:
         previous = merged[-1] if merged else None
-        if previous and previous.granularity == bucket_range.granularity and previous.end == bucket_range.start:
-            merged[-1] = BucketRange(previous.granularity, previous.start, bucket_range.end)
+        if (
+            previous
+            and (previous.granularity, previous.sign) == (bucket_range.granularity, bucket_range.sign)
+            and previous.end == bucket_range.start
+        ):
+            merged[-1] = BucketRange(previous.granularity, previous.start, bucket_range.end, previous.sign)
         else:
             merged.append(bucket_range)
     return merged

@@ -31,7 +31,7 @@ from services.core import alerting
 from services.core.alerting import Finding, HotEvent, StageWindow
 from services.core.bucket_windows import window_ranges
 from services.core.db.alerts import ALERT_COLUMNS, NewTransition, dumps, record_transitions
-from services.core.db.stage_windows import window_rows
+from services.core.db.stage_windows import has_events, signed_sum, window_rows
 from services.core.journeys import Journey, JourneyCatalog
 from services.core.scoring import from_epoch_seconds
 from services.scoring.store import BatchOutcome, ScoringContext
@@ -46,7 +46,7 @@ def window_start(now: datetime, window_minutes: int) -> datetime:
 
 
 async def load_stage_windows(
-    conn: AsyncConnection, tenant: str, keys: list[tuple[str, str]], start: datetime
+    conn: AsyncConnection, tenant: str, keys: list[tuple[str, str]], start: datetime, now: datetime
 ) -> dict[tuple[str, str], StageWindow]:
     if not keys:
         return {}
@@ -56,7 +56,7 @@ async def load_stage_windows(
         bindparam("stages", [key[1] for key in keys], type_=ARRAY(Text)),
     ).table_valued("journey", "stage").render_derived(name="pairs")
     rows = window_rows(
-        window_ranges(start),
+        window_ranges(start, now=now),
         ("journey", "stage", "events", "gap_sum", "shortfall_events", "revenue_sum"),
         lambda table: [
             table.tenant == tenant,
@@ -66,11 +66,11 @@ async def load_stage_windows(
     query = select(
         rows.c.journey,
         rows.c.stage,
-        func.sum(rows.c.events).label("events"),
-        func.sum(rows.c.gap_sum).label("gap_sum"),
-        func.sum(rows.c.shortfall_events).label("shortfall_events"),
-        func.sum(rows.c.revenue_sum).label("revenue"),
-    ).group_by(rows.c.journey, rows.c.stage)
+        signed_sum(rows.c, "events").label("events"),
+        signed_sum(rows.c, "gap_sum").label("gap_sum"),
+        signed_sum(rows.c, "shortfall_events").label("shortfall_events"),
+        signed_sum(rows.c, "revenue_sum").label("revenue"),
+    ).group_by(rows.c.journey, rows.c.stage).having(has_events(rows.c))
     return {
         (row.journey, row.stage): StageWindow(
             events=int(row.events), gap_sum=row.gap_sum, shortfall_events=int(row.shortfall_events), revenue=row.revenue
@@ -232,7 +232,7 @@ class AlertEvaluator:
         for tenant in tenants:
             findings = self.customer_findings(tenant, outcome, now)
             keys, last_ids = self.touched_stages(tenant, outcome)
-            windows = await load_stage_windows(conn, tenant, keys, window_start(now, self.window_minutes))
+            windows = await load_stage_windows(conn, tenant, keys, window_start(now, self.window_minutes), now)
             findings += stage_findings(self.context.journeys.of(tenant), keys, windows, self.window_minutes, last_ids)
             transitions += await apply_findings(conn, tenant, findings, now)
         await record_transitions(conn, transitions)
@@ -324,7 +324,7 @@ async def reevaluate_stage_alerts(
         for row in rows:
             by_tenant[row.tenant].append(alerting.parse_stage_subject(row.subject))
         for owner, keys in by_tenant.items():
-            windows = await load_stage_windows(conn, owner, keys, window_start(now, window_minutes))
+            windows = await load_stage_windows(conn, owner, keys, window_start(now, window_minutes), now)
             findings = stage_findings(journeys.of(owner), keys, windows, window_minutes)
             transitions += await apply_findings(conn, owner, findings, now)
         await record_transitions(conn, transitions)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.core import metrics
 from services.core.alerting import KINDS
 from services.core.bucket_windows import MINUTE, floor_to, window_ranges
-from services.core.db.stage_windows import window_rows
+from services.core.db.stage_windows import signed_sum, window_rows
 from services.core.scoring import QUADRANTS
 from services.core.settings import Settings
 
@@ -30,7 +30,7 @@ async def refresh_gauges(engine: AsyncEngine, settings: Settings) -> None:
         for label, interval in GAUGE_WINDOWS.items():
             # From the minute of now - window on (date_trunc('minute', ...)), in minute, hour and day rows.
             buckets = window_rows(
-                window_ranges(floor_to(now - interval, MINUTE)),
+                window_ranges(floor_to(now - interval, MINUTE), now=now),
                 ("journey", "stage", "events", "gap_sum", "shortfall_events"),
                 lambda table: [table.tenant == settings.tenant],
             )
@@ -38,9 +38,9 @@ async def refresh_gauges(engine: AsyncEngine, settings: Settings) -> None:
                 select(
                     buckets.c.journey,
                     buckets.c.stage,
-                    func.sum(buckets.c.events).label("events"),
-                    func.sum(buckets.c.gap_sum).label("gap_sum"),
-                    func.sum(buckets.c.shortfall_events).label("shortfall"),
+                    signed_sum(buckets.c, "events").label("events"),
+                    signed_sum(buckets.c, "gap_sum").label("gap_sum"),
+                    signed_sum(buckets.c, "shortfall_events").label("shortfall"),
                 ).group_by(buckets.c.journey, buckets.c.stage)
             )
             for row in rows:

@@ -179,7 +179,9 @@ async def check(postgres, ops: list[tuple], in_transaction: bool, reads: list[tu
                 got = await sum_by_step(read, tenant, JOURNEY, STAGES[0], window, step)
                 assert got == grouped(stage_rows, lambda row: start + (row["minute"] - start) // step * step)
 
-                windows_got = await load_stage_windows(read, tenant, [(JOURNEY, stage) for stage in STAGES], start)
+                windows_got = await load_stage_windows(
+                    read, tenant, [(JOURNEY, stage) for stage in STAGES], start, window.end
+                )
                 expected = grouped(inside, lambda row: (row["journey"], row["stage"]))
                 assert {key: (w.events, w.gap_sum, w.shortfall_events, w.revenue) for key, w in windows_got.items()} == {
                     key: (b.events, b.gap_sum, b.shortfall_events, b.revenue_sum) for key, b in expected.items()

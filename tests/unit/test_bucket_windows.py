@@ -68,6 +68,47 @@ def test_an_open_window_reads_every_minute_from_its_start(start):
     assert minutes_of(rows(ranges, horizon), horizon) == every_minute(start, horizon)
 
 
+@given(start=minutes, minutes_to_now=st.integers(min_value=0, max_value=2 * 1440))
+def test_an_open_window_up_to_now_counts_every_minute_from_its_start_once(start, minutes_to_now):
+    now = start + minutes_to_now * MINUTE + timedelta(seconds=31)
+    ranges = window_ranges(start, now=now)
+    horizon = ceil_to(now, DAY) + DAY
+    counted: dict[datetime, int] = {}
+    for bucket_range in ranges:
+        for minute in minutes_of(rows([bucket_range], horizon), horizon):
+            counted[minute] = counted.get(minute, 0) + bucket_range.sign
+    assert sorted(minute for minute, times in counted.items() if times) == every_minute(start, horizon)
+    assert set(counted.values()) <= {0, 1}  # a minute subtracted was added once, by its hour's row
+    # The first hour's minutes: read or subtracted, whichever are fewer up to now.
+    head_hour = floor_to(start, HOUR)
+    before, after = (start - head_hour) // MINUTE, min(60 - (start - head_hour) // MINUTE, minutes_to_now + 1)
+    minute_rows = sum(granularity == MINUTE for _, granularity in rows(ranges, head_hour + HOUR))
+    assert minute_rows == (before if 0 < before < after else 60 - before if before else 0)
+    assert sum(item.sign < 0 for item in ranges) <= 1
+
+
+def test_a_30_day_window_early_in_the_hour_reads_the_hour_less_its_first_minutes():
+    start = datetime(2026, 10, 25, 10, 7, tzinfo=timezone.utc)
+    hour = datetime(2026, 10, 25, 10, tzinfo=timezone.utc)
+    assert window_ranges(start, now=start + 30 * DAY) == [
+        BucketRange(MINUTE, hour, start, sign=-1),
+        BucketRange(HOUR, hour, datetime(2026, 10, 26, tzinfo=timezone.utc)),
+        BucketRange(DAY, datetime(2026, 10, 26, tzinfo=timezone.utc), None),
+    ]
+    # Late in the hour, or without now: the minutes from the start.
+    assert window_ranges(start.replace(minute=32), now=start + 30 * DAY)[0] == BucketRange(
+        MINUTE, start.replace(minute=32), start.replace(hour=11, minute=0)
+    )
+    assert window_ranges(start)[0] == BucketRange(MINUTE, start, start.replace(hour=11, minute=0))
+
+
+def test_a_window_started_minutes_ago_reads_its_own_minutes():
+    start = datetime(2026, 11, 24, 13, 27, tzinfo=timezone.utc)
+    assert window_ranges(start, now=start + 5 * MINUTE)[0] == BucketRange(MINUTE, start, start.replace(hour=14, minute=0))
+    with pytest.raises(ValueError):
+        window_ranges(start, start + HOUR, now=start)
+
+
 @given(start=minutes, step=steps, steps_to_now=st.integers(min_value=0, max_value=40))
 def test_no_series_row_straddles_two_steps(start, step, steps_to_now):
     last = start + steps_to_now * step + MINUTE * (steps_to_now % 3)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from sqlalchemy import (
-    Column, ColumnCollection, ColumnElement, DateTime, MetaData, PrimaryKeyConstraint, Subquery, Table, Text, and_,
-    or_, select, union_all,
+    Column, ColumnCollection, ColumnElement, DateTime, MetaData, PrimaryKeyConstraint, SmallInteger, Subquery, Table,
+    Text, and_, func, literal, or_, select, union_all,
 )  # fmt: skip
 
 from services.core.bucket_windows import DAY, HOUR, MINUTE, BucketRange
@@ -54,23 +54,38 @@ Conditions = Callable[[ColumnCollection], list[ColumnElement[bool]]]
 def window_rows(
     ranges: Sequence[BucketRange], columns: Sequence[str], conditions: Conditions, tables: Mapping = TABLES
 ) -> Subquery:
-    """`columns` and `at` of the rows in `ranges` that meet `conditions` (a function of a table's
-    columns, called once per table), from `tables` (TABLES, or STAGE_TABLES for per-stage columns).
+    """`columns`, `at` and `sign` of the rows in `ranges` that meet `conditions` (a function of a
+    table's columns, called once per table), from `tables` (TABLES, or STAGE_TABLES for per-stage
+    columns). Sum them with `signed_sum`: rows of a range with sign -1 are subtracted.
 
     Each range is its own condition on the time column, so the planner sees its bounds: an index
     range scan per range (a series' steps give tens of ranges; a window at most one per table)."""
     arms = []
     for granularity, (table, time_name) in tables.items():
         time = table.c[time_name]
-        bounds = [
-            time >= bucket_range.start if bucket_range.end is None else and_(time >= bucket_range.start, time < bucket_range.end)
-            for bucket_range in ranges
-            if bucket_range.granularity == granularity
-        ]
-        if bounds:
-            arms.append(
-                select(*(table.c[name] for name in columns), time.label("at")).where(*conditions(table.c), or_(*bounds))
-            )
+        for sign in (1, -1):
+            bounds = [
+                time >= item.start if item.end is None else and_(time >= item.start, time < item.end)
+                for item in ranges
+                if item.granularity == granularity and item.sign == sign
+            ]
+            if bounds:
+                arms.append(
+                    select(
+                        *(table.c[name] for name in columns), time.label("at"), literal(sign, SmallInteger).label("sign")
+                    ).where(*conditions(table.c), or_(*bounds))
+                )
     if not arms:
         raise ValueError("no ranges to read")
     return union_all(*arms).subquery("buckets")
+
+
+def signed_sum(rows: ColumnCollection, name: str) -> ColumnElement:
+    """sum() of a column of `window_rows`, less the rows to subtract."""
+    return func.sum(rows.sign * rows[name])
+
+
+def has_events(rows: ColumnCollection) -> ColumnElement[bool]:
+    """For HAVING: a group with events in the window, not one whose rows were all subtracted
+    again (seen only in the minutes before the window's start)."""
+    return signed_sum(rows, "events") > 0
