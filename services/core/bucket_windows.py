@@ -60,6 +60,7 @@ def window_ranges(start: datetime, end: datetime | None = None, *, now: datetime
     if MINUTE <= minutes_before < minutes_after:
         # The first range is [start, head_hour + HOUR) in minutes (the window is open, so it
         # reaches past the head hour): read the hour's row less the minutes before start.
+        assert ranges[0] == BucketRange(MINUTE, start, head_hour + HOUR), ranges
         ranges[0:1] = [BucketRange(MINUTE, head_hour, start, sign=-1), BucketRange(HOUR, head_hour, head_hour + HOUR)]
     return _merged(ranges)
 
