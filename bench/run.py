@@ -30,8 +30,8 @@ from sqlalchemy.dialects import postgresql
 
 from bench import data
 from bench.stack import REPO_ROOT, Service, Stack, cpu_seconds, create_topic, new_work_dir, postgres_cpu_seconds, ready
-from services.api.buckets import Window, stage_sums_query
-from services.core.bucket_windows import MINUTE
+from services.api.buckets import stage_sums_query
+from services.core.bucket_windows import MINUTE, Window
 
 BENCH_DIR = Path(__file__).resolve().parent
 PEER_VENV = BENCH_DIR / ".peer-venv"
@@ -920,9 +920,10 @@ class Bench:
     async def stage_query_growth(self, large: tuple, small: tuple, requests: list[dict], rounds: int = 6) -> dict:
         """7b: the 30-day stage query over both datasets, in alternating rounds; the best (lowest)
         of each side's round p50s, as the throughput figures take the best round. Both sides then
-        share the machine's drift, and the minute of the hour: a 30-day window reads minute rows
-        for its first, partial hour, so the rows read change from minute to minute. Other work slows some rounds, never speeds one up: the best round
-        is the query's own cost."""
+        share the machine's drift, and the minute of the hour: a 30-day window reads (or
+        subtracts) minute rows for its first, partial hour, so the rows read change from minute to
+        minute. Other work slows some rounds, never speeds one up: the best round is the query's
+        own cost."""
         round_s = max(self.scale.api_s / 3, 0.25)
         sides: dict[str, list[dict]] = {"large": [], "small": []}
         minutes = []

@@ -8,7 +8,6 @@ the figures are defined in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 
@@ -33,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.core.bucket_windows import DAY, HOUR, MINUTE, BucketRange, series_ranges, window_ranges
+from services.core.bucket_windows import DAY, HOUR, MINUTE, Window, series_ranges
 from services.core.db.stage_windows import STAGE_TABLES, has_events, signed_sum, window_rows
 from services.core.scoring import GAP_HISTOGRAM_BINS, StageBucket
 
@@ -69,23 +68,6 @@ def _stage_bucket(row) -> StageBucket:
         **{name: float(getattr(row, name)) for name in _SUMS},
         gap_histogram=[int(count) for count in row.gap_histogram],
     )
-
-
-@dataclass(frozen=True)
-class Window:
-    """The buckets whose minute is >= start; no upper bound, as events may be up to 5 min ahead."""
-
-    start: datetime
-    end: datetime  # query time, reported as `to`
-
-    @staticmethod
-    def ending_at(now: datetime, length: timedelta) -> Window:
-        start = (now - length).replace(second=0, microsecond=0)  # date_trunc('minute', now - window)
-        return Window(start=start, end=now)
-
-    def ranges(self) -> list[BucketRange]:
-        """The rows to read: the window is open (no upper bound), and no rows lie much past `end`."""
-        return window_ranges(self.start, now=self.end)
 
 
 def _stage_sums_statement() -> Select:

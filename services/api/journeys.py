@@ -8,12 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from services.api.buckets import Window, sum_by_stage, sum_by_step, sum_by_touchpoint
+from services.api.buckets import sum_by_stage, sum_by_step, sum_by_touchpoint
 from services.api.deps import EngineDep, JourneyDep, JourneysDep, NowDep, StageDep, TenantDep
 from services.api.errors import INVALID, NOT_FOUND, UNAVAILABLE
 from services.api.parameters import WINDOW_ALLOWED, format_duration, parse_step, parse_window
 from services.core.access import requires
 from services.core.auth import SCORES_READ
+from services.core.bucket_windows import Window
 from services.core.http import AUTH_RESPONSES
 from services.core.journeys import Stage
 from services.core.scoring import StageBucket, stage_stats

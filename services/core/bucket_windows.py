@@ -35,6 +35,24 @@ class BucketRange:
     sign: int = 1
 
 
+@dataclass(frozen=True)
+class Window:
+    """The buckets whose minute is >= start; no upper bound, as events may be up to 5 min ahead.
+    The API's windows, the stage alerts' and the gauges'."""
+
+    start: datetime
+    end: datetime  # query time, reported as `to`
+
+    @staticmethod
+    def ending_at(now: datetime, length: timedelta) -> Window:
+        start = (now - length).replace(second=0, microsecond=0)  # date_trunc('minute', now - window)
+        return Window(start=start, end=now)
+
+    def ranges(self) -> list[BucketRange]:
+        """The rows to read: the window is open (no upper bound), and no rows lie much past `end`."""
+        return window_ranges(self.start, now=self.end)
+
+
 def floor_to(moment: datetime, granularity: timedelta) -> datetime:
     return _EPOCH + (moment - _EPOCH) // granularity * granularity
 

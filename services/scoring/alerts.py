@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import uuid
 from collections import defaultdict
 from dataclasses import replace
@@ -29,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.core import alerting
 from services.core.alerting import Finding, HotEvent, StageWindow
-from services.core.bucket_windows import window_ranges
+from services.core.bucket_windows import Window
 from services.core.db.alerts import ALERT_COLUMNS, NewTransition, dumps, record_transitions
 from services.core.db.stage_windows import has_events, signed_sum, window_rows
 from services.core.journeys import Journey, JourneyCatalog
@@ -39,14 +38,8 @@ from services.scoring.store import BatchOutcome, ScoringContext
 log = logging.getLogger("cem.scoring.alerts")
 
 
-def window_start(now: datetime, window_minutes: int) -> datetime:
-    """The first minute bucket of the window ending at now (the API's windows start the same way)."""
-    start_s = (now - timedelta(minutes=window_minutes)).timestamp()
-    return from_epoch_seconds(math.floor(start_s / 60.0) * 60.0)
-
-
 async def load_stage_windows(
-    conn: AsyncConnection, tenant: str, keys: list[tuple[str, str]], start: datetime, now: datetime
+    conn: AsyncConnection, tenant: str, keys: list[tuple[str, str]], window: Window
 ) -> dict[tuple[str, str], StageWindow]:
     if not keys:
         return {}
@@ -56,7 +49,7 @@ async def load_stage_windows(
         bindparam("stages", [key[1] for key in keys], type_=ARRAY(Text)),
     ).table_valued("journey", "stage").render_derived(name="pairs")
     rows = window_rows(
-        window_ranges(start, now=now),
+        window.ranges(),
         ("journey", "stage", "events", "gap_sum", "shortfall_events", "revenue_sum"),
         lambda table: [
             table.tenant == tenant,
@@ -232,7 +225,9 @@ class AlertEvaluator:
         for tenant in tenants:
             findings = self.customer_findings(tenant, outcome, now)
             keys, last_ids = self.touched_stages(tenant, outcome)
-            windows = await load_stage_windows(conn, tenant, keys, window_start(now, self.window_minutes), now)
+            windows = await load_stage_windows(
+                conn, tenant, keys, Window.ending_at(now, timedelta(minutes=self.window_minutes))
+            )
             findings += stage_findings(self.context.journeys.of(tenant), keys, windows, self.window_minutes, last_ids)
             transitions += await apply_findings(conn, tenant, findings, now)
         await record_transitions(conn, transitions)
@@ -324,7 +319,7 @@ async def reevaluate_stage_alerts(
         for row in rows:
             by_tenant[row.tenant].append(alerting.parse_stage_subject(row.subject))
         for owner, keys in by_tenant.items():
-            windows = await load_stage_windows(conn, owner, keys, window_start(now, window_minutes), now)
+            windows = await load_stage_windows(conn, owner, keys, Window.ending_at(now, timedelta(minutes=window_minutes)))
             findings = stage_findings(journeys.of(owner), keys, windows, window_minutes)
             transitions += await apply_findings(conn, owner, findings, now)
         await record_transitions(conn, transitions)

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import metrics
 from services.core.alerting import KINDS
-from services.core.bucket_windows import MINUTE, floor_to, window_ranges
+from services.core.bucket_windows import Window
 from services.core.db.stage_windows import signed_sum, window_rows
 from services.core.scoring import QUADRANTS
 from services.core.settings import Settings
@@ -28,9 +28,8 @@ async def refresh_gauges(engine: AsyncEngine, settings: Settings) -> None:
     async with engine.connect() as conn:
         now = (await conn.execute(select(func.now()))).scalar_one()  # the database's clock, as before
         for label, interval in GAUGE_WINDOWS.items():
-            # From the minute of now - window on (date_trunc('minute', ...)), in minute, hour and day rows.
             buckets = window_rows(
-                window_ranges(floor_to(now - interval, MINUTE), now=now),
+                Window.ending_at(now, interval).ranges(),
                 ("journey", "stage", "events", "gap_sum", "shortfall_events"),
                 lambda table: [table.tenant == settings.tenant],
             )

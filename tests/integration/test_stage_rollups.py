@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.api.buckets import Window, sum_by_stage, sum_by_step, sum_by_touchpoint
+from services.api.buckets import sum_by_stage, sum_by_step, sum_by_touchpoint
+from services.core.bucket_windows import Window
 from services.core.db.engine import create_engine
 from services.core.scoring import GAP_HISTOGRAM_BINS, StageBucket
 from services.scoring.alerts import load_stage_windows
@@ -179,9 +180,7 @@ async def check(postgres, ops: list[tuple], in_transaction: bool, reads: list[tu
                 got = await sum_by_step(read, tenant, JOURNEY, STAGES[0], window, step)
                 assert got == grouped(stage_rows, lambda row: start + (row["minute"] - start) // step * step)
 
-                windows_got = await load_stage_windows(
-                    read, tenant, [(JOURNEY, stage) for stage in STAGES], start, window.end
-                )
+                windows_got = await load_stage_windows(read, tenant, [(JOURNEY, stage) for stage in STAGES], window)
                 expected = grouped(inside, lambda row: (row["journey"], row["stage"]))
                 assert {key: (w.events, w.gap_sum, w.shortfall_events, w.revenue) for key, w in windows_got.items()} == {
                     key: (b.events, b.gap_sum, b.shortfall_events, b.revenue_sum) for key, b in expected.items()
