@@ -32,6 +32,7 @@ from bench import data
 from bench.stack import REPO_ROOT, Service, Stack, cpu_seconds, create_topic, new_work_dir, postgres_cpu_seconds, ready
 from services.api.buckets import stage_sums_query
 from services.core.bucket_windows import MINUTE, Window
+from services.core.settings import Settings
 
 BENCH_DIR = Path(__file__).resolve().parent
 PEER_VENV = BENCH_DIR / ".peer-venv"
@@ -308,7 +309,6 @@ class Bench:
 
     async def produce_records(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
         from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer
-        from services.core.settings import Settings
 
         producer = create_producer(Settings(kafka_bootstrap_servers=self.stack.bootstrap, producer_idempotence=False))
         await producer.start()
@@ -629,7 +629,8 @@ class Bench:
             group=f"bench-raw-{self.run_id}",
             dsn=self.stack.dsn,
             expect=n,
-            max_batch=2000,
+            # The same polls as the scoring service, which runs with the default.
+            max_batch=Settings.model_fields["scoring_max_batch"].default,
             session_timeout_ms=self.scale.session_timeout_ms or 10_000,
         )
         sink = [sys.executable, "-m", "bench.raw", "sink", orjson.dumps(spec).decode()]

@@ -53,7 +53,7 @@ SCORING_BATCH_DURATION = Histogram(
     "cem_scoring_batch_duration_seconds", "Duration of one scoring batch transaction", buckets=LATENCY_BUCKETS
 )
 SCORING_BATCH_EVENTS = Histogram(
-    "cem_scoring_batch_events", "Records per scoring batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+    "cem_scoring_batch_events", "Records per scoring batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 )
 SCORING_LAG = Gauge("cem_scoring_lag_records", "Records behind the end of the partition", ["partition"])
 SCORING_FAILURES = Counter(

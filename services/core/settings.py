@@ -64,7 +64,9 @@ class Settings(BaseSettings):
     customer_half_life_days: float = Field(30.0, gt=0)
     trend_half_life_days: float = Field(7.0, gt=0)
     revenue_half_life_days: float = Field(90.0, gt=0)
-    scoring_max_batch: int = Field(2000, ge=1)
+    # Records per scoring transaction. Larger batches fold more events into each bucket row and
+    # cost Postgres less per event (docs/performance.md); at low traffic a batch is what arrived.
+    scoring_max_batch: int = Field(5000, ge=1)
     scoring_poll_timeout_ms: int = Field(200, ge=1)
     # How long the group coordinator waits for members to (re)join; the join itself waits for it.
     scoring_session_timeout_ms: int = Field(10_000, ge=1000)
