@@ -319,7 +319,8 @@ async def reevaluate_stage_alerts(
         for row in rows:
             by_tenant[row.tenant].append(alerting.parse_stage_subject(row.subject))
         for owner, keys in by_tenant.items():
-            windows = await load_stage_windows(conn, owner, keys, Window.ending_at(now, timedelta(minutes=window_minutes)))
+            window = Window.ending_at(now, timedelta(minutes=window_minutes))
+            windows = await load_stage_windows(conn, owner, keys, window)
             findings = stage_findings(journeys.of(owner), keys, windows, window_minutes)
             transitions += await apply_findings(conn, owner, findings, now)
         await record_transitions(conn, transitions)
