@@ -34,6 +34,7 @@ bench: $(BIN)/.installed
 
 bench-smoke: $(BIN)/.installed
 	$(BIN)/python -m bench --smoke
+	$(BIN)/python -m bench.customer_rows --customers 200 2000 --events 200 --rounds 2
 
 clean:
 	rm -rf $(VENV) .cem .pytest_cache .hypothesis
