@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
@@ -39,6 +40,12 @@ PEER_VENV = BENCH_DIR / ".peer-venv"
 PEER_REQUIREMENTS = BENCH_DIR / "peer-requirements.txt"
 PROFILES_DIR = BENCH_DIR / "profiles"
 PARTITIONS = 12  # the service's default topic_partitions
+# The scoring services' backends at work (the benchmark's own connection left out): waiting on a
+# lock (wait_event_type Lock) means waiting for another transaction, another replica's batch.
+_SCORING_BACKENDS = (
+    "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE datname = current_database() "
+    "AND backend_type = 'client backend' AND state = 'active' AND pid <> pg_backend_pid()"
+)
 
 
 @dataclass(frozen=True)
@@ -563,15 +570,24 @@ class Bench:
         )
         return int(value)
 
-    async def score(self, label: str, topic: str, expect: int) -> dict:
-        """A fresh scoring process on `topic`: seconds from spawn to the first and the last commit."""
+    async def score(self, label: str, topic: str, expect: int, replicas: int = 1, sample_waits: bool = False) -> dict:
+        """Fresh scoring processes (`replicas` of them, one group) on `topic`: seconds from spawn to
+        the first and the last commit. `sample_waits`: every 50 ms, what the scoring backends in
+        Postgres are doing (active, and waiting for a lock held by another transaction)."""
         names = {**self.names(f"scoring-{label}"), "touchpoints_topic": topic}
         conn = await asyncpg.connect(self.stack.dsn)
+        waits: Counter[str] = Counter()
+        active_samples = 0
         try:
             await self.reset_statement_stats()
             postgres_cpu = postgres_cpu_seconds(self.stack.postgres.process.pid)
             started = time.time()
-            child = self.stack.start_service("scoring", **names, **self.scoring_settings())
+            children = [
+                self.stack.start_service("scoring", wait=False, **names, **self.scoring_settings())
+                for _ in range(replicas)
+            ]
+            for child in children:
+                ready(child)
             first = None
             first_count = 0
             spy = None
@@ -580,24 +596,39 @@ class Bench:
                 done = await self.committed(conn, names["scoring_group_id"])
                 if done and first is None:
                     first, first_count = time.time(), done
-                    spy = self.profile(child, f"scoring_{label}", 15)
+                    spy = self.profile(children[0], f"scoring_{label}", 15)
                 if done >= expect:
                     break
-                if not child.alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"scoring {label}: {done} of {expect} committed\n{child.log_tail()}")
+                if not all(child.alive() for child in children) or time.monotonic() > deadline:
+                    tails = "\n".join(child.log_tail() for child in children)
+                    raise RuntimeError(f"scoring {label}: {done} of {expect} committed\n{tails}")
+                if sample_waits and first is not None:
+                    for row in await conn.fetch(_SCORING_BACKENDS):
+                        active_samples += 1
+                        if row["wait_event_type"] == "Lock":
+                            waits[row["wait_event"]] += 1
                 await asyncio.sleep(0.05)
             finished = time.time()
             _wait(spy, kill=True)
-            metrics = httpx.get(f"http://127.0.0.1:{child.port}/metrics", timeout=5).text
-            service_cpu = cpu_seconds(child.pid)
+            metrics = httpx.get(f"http://127.0.0.1:{children[0].port}/metrics", timeout=5).text
+            service_cpu = sum(cpu_seconds(child.pid) for child in children)
             postgres_cpu = postgres_cpu_seconds(self.stack.postgres.process.pid) - postgres_cpu
-            self.stack.release(child)
+            for child in children:
+                self.stack.release(child)
             await self.save_statement_stats(f"scoring_{label}")
         finally:
             await conn.close()
         batch = parse_histogram(metrics, "cem_scoring_batch_duration_seconds")
         sizes = parse_histogram(metrics, "cem_scoring_batch_events")
+        sampled = {}
+        if sample_waits:
+            sampled = {
+                "active_backend_samples": active_samples,
+                "lock_wait_samples": dict(waits),
+                "lock_wait_share": sum(waits.values()) / active_samples if active_samples else None,
+            }
         return {
+            **sampled,
             "events": expect,
             "total_s": finished - started,
             "startup_s": first - started,
@@ -605,6 +636,7 @@ class Bench:
             "events_per_s": expect / (finished - started),
             # From the first commit on, without the records of that first batch: the rate once running.
             "steady_events_per_s": (expect - first_count) / (finished - first) if expect > first_count else None,
+            # Of the first replica when there are more.
             "batch_p50_s": histogram_quantile(batch, 0.5),
             "batch_p99_s": histogram_quantile(batch, 0.99),
             "batch_size_p50": histogram_quantile(sizes, 0.5),
@@ -660,6 +692,40 @@ class Bench:
                     "ours": ours,
                     "raw": {**raw, "steady_events_per_s": raw["events"] / (raw["done"] - raw["first"])},
                 },
+            )
+        )
+
+    async def scoring_replicas(self) -> None:
+        """Two scoring replicas in one group against one, on the workload of figure 3 (one tenant,
+        new topics): events/s, and how often the replicas' Postgres backends wait for each other's
+        locks (the current minutes' bucket rows and roll-ups, the tenant's quadrant totals). On
+        this machine's two cores the replicas share the CPU with Postgres, so the rate cannot
+        double; the lock waits are the finding."""
+        n = self.scale.scoring_events
+        results = {}
+        for replicas in (1, 2):
+            label = f"100k-{replicas}r"
+            topic = await self.scoring_topic(label, f"bench-{label}-{self.run_id}", self.scale.customers_mid, n)
+            results[replicas] = await self.score(label, topic, n, replicas=replicas, sample_waits=True)
+        one, two = results[1], results[2]
+        self.add(
+            Figure(
+                "scoring_steady_events_per_s_2_replicas",
+                two["steady_events_per_s"],
+                "events/s",
+                baseline=one["steady_events_per_s"],
+                baseline_name="one replica, the same workload (from the first commit on)",
+                details={"one": one, "two": two},
+            )
+        )
+        self.add(
+            Figure(
+                "scoring_lock_wait_share_2_replicas",
+                two["lock_wait_share"],
+                "of active backend samples",
+                baseline=one["lock_wait_share"],
+                baseline_name="one replica",
+                details={"one": one["lock_wait_samples"], "two": two["lock_wait_samples"]},
             )
         )
 
@@ -1020,7 +1086,9 @@ class Bench:
         PROFILES_DIR.mkdir(exist_ok=True)
         (PROFILES_DIR / f"explain_{name}.txt").write_text("\n".join(row[0] for row in plan) + "\n")
 
-    BENCHMARKS = ("ingest_batch", "ingest_single", "scoring", "peer", "latency", "api", "scoring_growth")
+    BENCHMARKS = (
+        "ingest_batch", "ingest_single", "scoring", "scoring_replicas", "peer", "latency", "api", "scoring_growth",
+    )  # fmt: skip
 
     async def run(self) -> None:
         data.check_record_format("bench")
