@@ -197,10 +197,15 @@ async def score_batch(
 ) -> BatchOutcome:
     """Apply one batch inside the caller's transaction. Raises StaleOffsets if fenced off.
 
-    The pure work overlaps Postgres': the stage-bucket rows are computed while Postgres claims
-    the events, the customer rows while it adds the buckets. They are computed for every event
-    of the batch, as if all were new (the usual case), and again for the new ones if some were
-    seen before."""
+    The rows that other replicas of a tenant write too come last: the current minutes' stage
+    buckets with their roll-ups, after the customers with their quadrant totals. Their locks are
+    held until the commit, so the shorter the rest of the transaction after them, the less the
+    replicas queue on each other. Every replica takes them in this order, so none deadlock.
+
+    The pure work overlaps Postgres': the customer and customer-stage rows are computed while
+    Postgres claims the events, the stage-bucket rows while it merges the customer stages. They
+    are computed for every event of the batch, as if all were new (the usual case), and again
+    for the new ones if some were seen before."""
     outcome = BatchOutcome(now=now)
     batch = await _Batch.open(conn)
     unique, outcome.conflicting = _first_of_each_id(events)
@@ -212,7 +217,9 @@ async def score_batch(
             "scoring_claims",
             [(tenant, event_id, item.event.occurred_s, item.payload_hash) for (tenant, event_id), item in unique.items()],
         )
-        claimed_rows, bucket_rows = await _meanwhile(batch.fetch(_CLAIM), lambda: _bucket_rows(by_tenant))
+        claimed_rows, (stage_rows, customer_rows) = await _meanwhile(
+            batch.fetch(_CLAIM), lambda: _state_rows(by_tenant, context.half_lives)
+        )
         claimed = {(row["tenant"], row["event_id"]) for row in claimed_rows}
         fresh = [item for key, item in unique.items() if key in claimed]
         outcome.conflicting += await _conflicts_with_stored(batch, unique, claimed)
@@ -221,15 +228,15 @@ async def score_batch(
     if fresh:
         if len(fresh) < len(unique):
             by_tenant = _by_tenant(fresh)
-            bucket_rows = _bucket_rows(by_tenant)
-        await batch.stage("scoring_buckets", bucket_rows)
-        _, (stage_rows, customer_rows) = await _meanwhile(
-            batch.execute(_ADD_STAGE_BUCKETS), lambda: _state_rows(by_tenant, context.half_lives)
-        )
+            stage_rows, customer_rows = _state_rows(by_tenant, context.half_lives)
         await batch.stage("scoring_customer_stages", stage_rows)
-        await batch.execute(_MERGE_CUSTOMER_STAGES, context.half_lives.index_s)
+        _, bucket_rows = await _meanwhile(
+            batch.execute(_MERGE_CUSTOMER_STAGES, context.half_lives.index_s), lambda: _bucket_rows(by_tenant)
+        )
         hot = {(item.tenant, item.event.customer_id) for item in fresh if item.event.gap <= HOT_GAP}
         await _merge_customers(batch, customer_rows, by_tenant.keys(), hot, context, now, outcome)
+        await batch.stage("scoring_buckets", bucket_rows)
+        await batch.execute(_ADD_STAGE_BUCKETS)
 
     await _store_offsets(batch, context.group_id, ranges)
     return outcome

@@ -1,0 +1,119 @@
+"""Two scoring replicas of one tenant score batches at the same time: different customers (the
+record key is the customer, so each replica owns its own), the same minute buckets. The rows the
+replicas share are written last in a batch's transaction, so the second replica claims its events
+and merges its customer stages while the first one's transaction is still open, and waits only
+where the rows are shared. Both then commit, without a deadlock, and every sum counts both."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import text
+
+from services.core.db.engine import create_engine
+from services.core.journeys import JourneyCatalog, load_journeys
+from services.core.scoring import HalfLives, ScoredEvent, bucket_events
+from services.core.settings import Settings
+from services.scoring.store import ScoringContext, TenantEvent, score_batch
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
+HALF_LIVES = HalfLives(3600.0, 60.0, 600.0)
+
+
+def events(replica: str, customers: int) -> list[ScoredEvent]:
+    return [
+        ScoredEvent(
+            event_id=f"{replica}-e{number}",
+            customer_id=f"{replica}-c{number}",
+            journey="hotel",
+            stage="check-in",
+            touchpoint="front-desk",
+            channel="in_person",
+            occurred_s=(NOW - timedelta(minutes=number % 2)).timestamp(),
+            experience=float(number % 10),
+            expectation=6.0,
+            promise=8.0,
+            weight=1.0,
+            revenue=100.0 + number,
+        )
+        for number in range(customers)
+    ]
+
+
+async def wait_for_lock(conn, pid: int, timeout_s: float = 10.0) -> str:
+    """The wait event of backend `pid` once it waits for a lock."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = (
+            await conn.execute(
+                text("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            )
+        ).one()
+        if row.wait_event_type == "Lock":
+            return row.wait_event
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"backend {pid} never waited for a lock")
+
+
+async def test_a_second_replica_waits_only_at_the_shared_rows_and_both_commit(postgres):
+    tenant = f"replicas-{uuid.uuid4().hex[:10]}"
+    journeys = load_journeys(Settings().journeys_dir)
+    context = ScoringContext("replicas-test", HALF_LIVES, JourneyCatalog({"hotel": journeys["hotel"]}))
+    first, second = events("a", 40), events("b", 30)
+    engine = create_engine(postgres.url(), pool_size=3)
+    try:
+        async with engine.connect() as one, engine.connect() as two, engine.connect() as observer:
+            first_transaction = await one.begin()
+            await score_batch(one, [TenantEvent(tenant, item, NOW.timestamp()) for item in first], [], context, NOW)
+
+            second_transaction = await two.begin()
+            second_pid = (await two.get_raw_connection()).driver_connection.get_server_pid()
+            scoring = asyncio.create_task(
+                score_batch(two, [TenantEvent(tenant, item, NOW.timestamp()) for item in second], [], context, NOW)
+            )
+            try:
+                wait_event = await wait_for_lock(observer, second_pid)
+                # Past its own rows (the ledger, its customer stages), it waits for the tenant's
+                # quadrant totals (their triggers' advisory lock), which the first replica's open
+                # transaction holds. Before the shared rows came last, it waited at the first
+                # replica's bucket rows ("transactionid") right after its claim.
+                assert wait_event == "advisory"
+                assert not scoring.done()
+
+                await first_transaction.commit()
+                outcome = await asyncio.wait_for(scoring, 10)
+                await second_transaction.commit()
+            finally:
+                if not scoring.done():  # a failed check: stop it before its connection closes
+                    scoring.cancel()
+                    await asyncio.gather(scoring, return_exceptions=True)
+
+            buckets = (
+                await observer.execute(
+                    text("SELECT minute, events FROM stage_buckets WHERE tenant = :t ORDER BY minute"), {"t": tenant}
+                )
+            ).all()
+            customers = (
+                await observer.execute(
+                    text("SELECT count(*) AS n, sum(events) AS events FROM customers WHERE tenant = :t"), {"t": tenant}
+                )
+            ).one()
+            claimed = (
+                await observer.execute(text("SELECT count(*) FROM processed_events WHERE tenant = :t"), {"t": tenant})
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+
+    assert len(outcome.scored) == len(second)
+    want = bucket_events(first + second)
+    assert sorted((row.minute.timestamp(), row.events) for row in buckets) == sorted(
+        (key[4], bucket.events) for key, bucket in want.items()
+    )
+    assert (customers.n, customers.events) == (70, 70)
+    assert claimed == 70
