@@ -26,6 +26,7 @@ from pathlib import Path
 import asyncpg
 
 from bench import data
+from bench.run import _count
 from bench.stack import asyncpg_dsn
 from services.core.db.engine import migrate
 from services.core.embedded import EmbeddedPostgres
@@ -36,12 +37,8 @@ from services.scoring import store
 from services.scoring.consumer import to_scored_event
 
 
-def _count(n: int) -> str:
-    return f"{n // 1_000_000}m" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
-
-
-class Sizes:
-    """One tenant per table size, each with its own event source."""
+class CustomerBatches:
+    """Batches of customer rows for one tenant per table size, each with its own event source."""
 
     def __init__(self, sizes: list[int], events: int):
         self.events = events
@@ -94,7 +91,7 @@ async def _run(sizes: list[int], events: int, rounds: int, work_dir: Path) -> No
     try:
         await asyncio.to_thread(migrate, postgres.url())
         conn = await asyncpg.connect(asyncpg_dsn(postgres.url()))
-        batches = Sizes(sizes, events)
+        batches = CustomerBatches(sizes, events)
         started = time.monotonic()
         for size in sizes:
             await data.generate_customers(conn, batches.tenant(size), size, stages_per_customer=2)
