@@ -46,6 +46,9 @@ def _serve(app_factory, host: str, port: int) -> None:
         port=port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
+        # No logging config of uvicorn's: applying one closes every handler already installed, ours
+        # included (dictConfig), and the process would log nothing. Its loggers propagate to ours.
+        log_config=None,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=30,
@@ -311,6 +314,9 @@ def dev(  # noqa: C901 - one linear start-up sequence
     signal.signal(signal.SIGINT, signal.default_int_handler)
     settings = Settings()
     env = dict(os.environ)
+    # The services' warnings and errors in this terminal, not a line per request (CEM_LOG_LEVEL=INFO
+    # shows those too).
+    env.setdefault("CEM_LOG_LEVEL", "WARNING")
     embedded: list = []
     children: list[subprocess.Popen] = []
     try:
