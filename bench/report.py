@@ -41,6 +41,7 @@ def machine(results: dict) -> str:
         f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, {m['platform']}; "
         f"load average at the end {', '.join(f'{x:.2f}' for x in m['load_average'])}.\n\nPackages: {packages}. "
         f"Peer: {', '.join(m['peer_packages'] or ['not installed'])}."
+        + (f" Scoring consumers per process: {results['scoring_consumers']}." if "scoring_consumers" in results else "")
     )
 
 

@@ -218,9 +218,12 @@ class Bench:
         }
 
     def scoring_settings(self) -> dict:
-        if self.scale.session_timeout_ms is None:
-            return {}
-        return {"scoring_session_timeout_ms": self.scale.session_timeout_ms, "scoring_rebalance_timeout_ms": 1000}
+        settings = {}
+        if self.args.scoring_consumers is not None:
+            settings["scoring_consumers"] = self.args.scoring_consumers
+        if self.scale.session_timeout_ms is not None:
+            settings.update(scoring_session_timeout_ms=self.scale.session_timeout_ms, scoring_rebalance_timeout_ms=1000)
+        return settings
 
     async def api_key(self, tenant: str, scopes: str) -> dict[str, str]:
         """The Authorization header of a real API key for `tenant`, when the services check keys
@@ -1250,6 +1253,11 @@ def main(argv: list[str] | None = None) -> int:
         help="scored events the large API dataset stands for "
         "(default 3,000,000; 10,000,000 takes ~2.5 min more to generate); the small one is a tenth",
     )
+    parser.add_argument(
+        "--scoring-consumers",
+        type=int,
+        help="consumers per scoring process (CEM_SCORING_CONSUMERS; default: the service's default)",
+    )
     parser.add_argument("--peer", action="store_true", help="run the peer (Quix Streams) in --smoke too (+~45 s)")
     parser.add_argument(
         "--out", type=Path, help="results file (default bench/results.json; smoke: bench/results-smoke.json)"
@@ -1288,6 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
         "postgres": postgres_version,
         "postgres_durable": args.durable,
         "scale": asdict(bench.scale),
+        "scoring_consumers": args.scoring_consumers or Settings.model_fields["scoring_consumers"].default,
         "timings_s": {name: round(value, 1) for name, value in bench.timings.items()},
         "figures": [asdict(figure) for figure in bench.figures],
         "notes": bench.notes,

@@ -101,12 +101,16 @@ def scoring() -> None:
     settings = Settings()
     scoring_app = create_app(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown; a handler turns that into a return,
-    # so the exit code can say whether the consumer finished its batch (0) or not (1).
+    # so the exit code can say whether the consumers finished their batches (0) or not (1).
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     _serve(scoring_app, settings.host, settings.scoring_port)
-    scorer = getattr(scoring_app.state, "scorer", None)
-    if scorer is None or not scorer.drained:
-        log.error("the scoring consumer did not stop cleanly; its last batch was not committed")
+    scorers = getattr(scoring_app.state, "scorers", None)
+    if not scorers:  # the lifespan failed before the consumers started
+        log.error("the scoring consumers never started")
+        raise typer.Exit(1)
+    undrained = [scorer.name for scorer in scorers if not scorer.drained]
+    if undrained:
+        log.error("scoring did not stop cleanly: the last batch of %s was not committed", ", ".join(undrained))
         raise typer.Exit(1)
 
 

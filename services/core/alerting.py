@@ -299,6 +299,19 @@ def stage_shortfall(
     )
 
 
+def with_earlier_event_ids(evidence: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """An update's evidence: the latest events of the batch that judged it first, then those the
+    alert named before, up to MAX_EVIDENCE_EVENTS. A batch holds only its own partitions' events, so
+    with several consumers the events that keep a stage failing come from several batches; a
+    re-evaluation without new events keeps the ids it had."""
+    earlier_ids = (earlier or {}).get("last_event_ids") or []
+    ids = list(evidence.get("last_event_ids") or [])
+    merged = ids + [event_id for event_id in earlier_ids if event_id not in ids]
+    if not merged:
+        return evidence
+    return {**evidence, "last_event_ids": merged[:MAX_EVIDENCE_EVENTS]}
+
+
 # --------------------------------------------------------------------------------------------
 # Status changes.
 

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # cost Postgres less per event (docs/performance.md); at low traffic a batch is what arrived.
     scoring_max_batch: int = Field(5000, ge=1)
     scoring_poll_timeout_ms: int = Field(200, ge=1)
+    # Group members per scoring process, each with its own partitions and its own transaction at a
+    # time: one's Python work runs while another's batch waits for Postgres (docs/performance.md).
+    scoring_consumers: int = Field(2, ge=1, le=64)
     # How long the group coordinator waits for members to (re)join; the join itself waits for it.
     scoring_session_timeout_ms: int = Field(10_000, ge=1000)
     scoring_rebalance_timeout_ms: int = Field(10_000, ge=500)

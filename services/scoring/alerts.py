@@ -95,7 +95,7 @@ def stage_findings(
 
 
 _LOCK_UNRESOLVED = text(
-    "SELECT a.id, a.kind, a.subject, a.status FROM alerts a "
+    "SELECT a.id, a.kind, a.subject, a.status, a.evidence FROM alerts a "
     "JOIN unnest(CAST(:kinds AS text[]), CAST(:subjects AS text[])) AS k(kind, subject) "
     "ON a.kind = k.kind AND a.subject = k.subject "
     "WHERE a.tenant = :tenant AND a.status <> 'resolved' ORDER BY a.kind, a.subject FOR UPDATE OF a"
@@ -154,7 +154,8 @@ async def apply_findings(
         if action == "open":
             to_open.append(finding)
         elif action == "update":
-            to_change.append((finding, row, row.status))
+            evidence = alerting.with_earlier_event_ids(finding.evidence, row.evidence)
+            to_change.append((replace(finding, evidence=evidence), row, row.status))
         elif action == "resolve":
             to_change.append((finding, row, "resolved"))
 

@@ -29,11 +29,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = create_engine(settings.database_url)
-        scorer = Scorer(settings, engine, journeys)
-        # Alerts are judged in each batch's transaction, by the journeys the scorer scores with.
-        scorer.after_batch = AlertEvaluator(scorer.context, settings.alert_stage_window_minutes)
-        task = asyncio.create_task(scorer.run(), name="scoring-consumer")
+        # A connection per consumer's batch, and a few for the timers below.
+        engine = create_engine(settings.database_url, pool_size=settings.scoring_consumers + 4)
+        # Several group members in one process: while one waits for Postgres to commit its batch,
+        # another's Python work runs (docs/performance.md). Each owns its partitions and offsets.
+        scorers = [Scorer(settings, engine, journeys, name=f"consumer-{i}") for i in range(settings.scoring_consumers)]
+        # Alerts are judged in each batch's transaction, by the journeys the scorers score with.
+        context = scorers[0].context
+        alerts = AlertEvaluator(context, settings.alert_stage_window_minutes)
+        for scorer in scorers:
+            scorer.after_batch = alerts
+        tasks = [asyncio.create_task(scorer.run(), name=f"scoring-{scorer.name}") for scorer in scorers]
         kafka_alerts = KafkaAlerts(settings)
         webhook = WebhookAlerts(settings) if settings.alert_webhook_url else None
         helpers = [
@@ -42,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(journeys.keep_fresh(engine), name="journey-maps"),
             asyncio.create_task(
                 keep_stage_alerts_fresh(
-                    engine, scorer.context, settings.alert_stage_window_minutes, settings.alert_reevaluate_interval_s
+                    engine, context, settings.alert_stage_window_minutes, settings.alert_reevaluate_interval_s
                 ),
                 name="stage-alert-timer",
             ),
@@ -51,7 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
                 name="alert-relay-kafka",
             ),
             asyncio.create_task(
-                keep_quadrants_fresh(engine, scorer.context, scorer.after_batch, settings.quadrant_sweep_interval_s),
+                keep_quadrants_fresh(engine, context, alerts, settings.quadrant_sweep_interval_s),
                 name="quadrant-sweep",
             ),
             # Deletes processed_events rows no copy of their event can need any more (retention.py).
@@ -70,16 +76,19 @@ def create_app(settings: Settings) -> FastAPI:
                     name="alert-relay-webhook",
                 )
             )
-        app.state.scorer, app.state.engine, app.state.task = scorer, engine, task
+        app.state.scorers, app.state.engine, app.state.tasks = scorers, engine, tasks
         try:
             yield
         finally:
-            # SIGTERM: let the in-flight batch commit, then leave the group.
-            scorer.stop()
+            # SIGTERM: let the in-flight batches commit, then leave the group.
+            for scorer in scorers:
+                scorer.stop()
             try:
-                await asyncio.wait_for(task, timeout=30)
+                await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
             except (asyncio.TimeoutError, asyncio.CancelledError):
-                task.cancel()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             # Transitions not yet relayed stay in the log: the next relay leader delivers them.
             for helper in helpers:
                 helper.cancel()
@@ -96,20 +105,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        task = app.state.task
-        if task.done():
-            reason = repr(task.exception()) if not task.cancelled() and task.exception() else "stopped"
-            return JSONResponse({"status": "down", "reason": f"consumer loop ended: {reason}"}, status_code=503)
+        for scorer, task in zip(app.state.scorers, app.state.tasks):
+            if task.done():
+                reason = repr(task.exception()) if not task.cancelled() and task.exception() else "stopped"
+                return JSONResponse(
+                    {"status": "down", "reason": f"{scorer.name} loop ended: {reason}"}, status_code=503
+                )
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz():
-        scorer: Scorer = app.state.scorer
+        scorers: list[Scorer] = app.state.scorers
         reasons = []
-        if not scorer.running:
-            reasons.append(scorer.last_error or "consumer not started")
-        elif scorer.last_error:
-            reasons.append(scorer.last_error)
+        for scorer in scorers:
+            if not scorer.running:
+                reasons.append(f"{scorer.name}: {scorer.last_error or 'consumer not started'}")
+            elif scorer.last_error:
+                reasons.append(f"{scorer.name}: {scorer.last_error}")
         try:
             async with app.state.engine.connect() as conn:
                 await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=2)
@@ -117,6 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
             reasons.append(f"database unreachable: {str(error)[:200]}")
         if reasons:
             return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
-        return {"status": "ready", "assigned_partitions": sorted(tp.partition for tp in scorer.stored_offsets)}
+        partitions = sorted(tp.partition for scorer in scorers for tp in scorer.stored_offsets)
+        return {"status": "ready", "assigned_partitions": partitions}
 
     return app

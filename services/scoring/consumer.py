@@ -215,8 +215,10 @@ class Scorer:
         engine: AsyncEngine,
         journeys: JourneyLoader,
         after_batch: AfterBatch | None = None,
+        name: str = "consumer-0",
     ):
         self.settings = settings
+        self.name = name  # in logs and /readyz: a process may run several (Settings.scoring_consumers)
         self.engine = engine
         self.journeys = journeys
         self.context = ScoringContext(
@@ -266,7 +268,8 @@ class Scorer:
             # own initial positioning (seen: a partition delivered twice). If retention removed
             # offset 0, the fetch is out of range and auto_offset_reset=earliest finds the start.
             self.consumer.seek(tp, self.stored_offsets.get(tp) or 0)
-        log.info("resumed %s", {f"{tp.topic}[{tp.partition}]": self.stored_offsets.get(tp) for tp in partitions})
+        positions = {f"{tp.topic}[{tp.partition}]": self.stored_offsets.get(tp) for tp in partitions}
+        log.info("%s resumed %s", self.name, positions)
 
     async def take_over(self, partitions: list[TopicPartition]) -> None:
         """Resume newly assigned partitions; if the database is down, pause them until it is back
@@ -275,7 +278,8 @@ class Scorer:
             await self.resume(partitions)
         except Exception as error:  # noqa: BLE001 - aiokafka would swallow it and fetch from elsewhere
             self.last_error = f"database unavailable: cannot read the stored offsets: {str(error)[:300]}"
-            log.warning("%s; partitions %s paused", self.last_error, sorted(tp.partition for tp in partitions))
+            paused = sorted(tp.partition for tp in partitions)
+            log.warning("%s: %s; partitions %s paused", self.name, self.last_error, paused)
             for tp in partitions:
                 self.stored_offsets.pop(tp, None)
             self.consumer.pause(*partitions)
@@ -319,7 +323,7 @@ class Scorer:
                     )
                 except KafkaError as error:  # the broker went away mid-poll: keep the loop alive
                     self.last_error = f"broker unavailable: {error!r}"
-                    log.warning("poll failed (%s); retrying in %.1f s", self.last_error, poll_backoff_s)
+                    log.warning("%s: poll failed (%s); retrying in %.1f s", self.name, self.last_error, poll_backoff_s)
                     await asyncio.sleep(poll_backoff_s)
                     poll_backoff_s = min(poll_backoff_s * 2, MAX_BACKOFF_S)
                     continue
@@ -348,7 +352,7 @@ class Scorer:
                 scoring.cancel()
                 await asyncio.gather(scoring, return_exceptions=True)
             self.running = False
-            log.info("scoring consumer stopping after %d batches; drained: %s", self.batches, self.drained)
+            log.info("scoring %s stopping after %d batches; drained: %s", self.name, self.batches, self.drained)
             await self.consumer.stop()
             await self.producer.stop()
 

@@ -158,6 +158,9 @@ async def stack(postgres, kafka):
             alert_stream_ping_s=0.5,
             # The timer judges every tenant's stage alerts; the test calls it for its own tenant.
             alert_reevaluate_interval_s=3600,
+            # A stage alert names the latest events of the batches that judged it; with one consumer,
+            # the events a test posts at once are one batch, so it knows which those are.
+            scoring_consumers=1,
         )
         await ensure_topics(settings)
         engine = create_engine(settings.database_url)
@@ -353,8 +356,11 @@ async def test_a_stage_alert_resolves_when_traffic_stops(stack):
     await score(stack, [touch(t, f"road-{n}", "on-road-assistance", 2.0, minutes_ago=20) for n in range(6)])
     (alert,) = await alerts_of(stack, subject="car-rental/on-road-assistance", status="open")
     journeys, window = JourneyCatalog(JOURNEYS), stack.settings.alert_stage_window_minutes
-    # Still failing now: the timer only refreshes the figures.
+    # Still failing now: the timer only refreshes the figures, and keeps the events the alert named.
     assert await reevaluate_stage_alerts(stack.engine, journeys, window, tenant=t) == []
+    refreshed = (await stack.api.get(f"/v1/alerts/{alert['id']}")).json()
+    assert len(refreshed["evidence"]["last_event_ids"]) == 6
+    assert refreshed["evidence"]["last_event_ids"] == alert["evidence"]["last_event_ids"]
     # An hour later the window is empty: too few events to say the stage fails, so it resolves.
     later = datetime.now(timezone.utc) + timedelta(minutes=61)
     (resolution,) = await reevaluate_stage_alerts(stack.engine, journeys, window, now=later, tenant=t)

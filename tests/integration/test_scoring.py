@@ -16,10 +16,12 @@ from services.core.db.journeys import JourneyLoader
 from services.core.journeys import load_journeys
 from services.core.kafka import TOUCHPOINT_SCHEMA_HEADER, create_producer, ensure_topics, touchpoint_key
 from services.core.scoring import HalfLives, bucket_events, merge_customer_events
+from services.scoring.app import create_app as create_scoring
 from services.scoring.consumer import Scorer, to_scored_event
 
 from services.core.settings import DEFAULT_JOURNEYS_DIR
 from tests.conftest import make_settings
+from tests.e2e.test_pipeline import running, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -195,6 +197,37 @@ async def test_out_of_order_delivery_gives_the_same_figures(postgres, kafka):
             assert math.isclose(row.experience_index, other.experience_index, rel_tol=1e-9, abs_tol=1e-9)
             assert math.isclose(row.revenue_sum, other.revenue_sum, rel_tol=1e-9, abs_tol=1e-9)
             assert row.quadrant == other.quadrant
+    finally:
+        await engine.dispose()
+
+
+async def test_a_process_with_several_consumers_splits_the_partitions_and_scores_each_event_once(postgres, kafka):
+    settings = make_settings(postgres, kafka, scoring_consumers=3, topic_partitions=6)
+    await ensure_topics(settings)
+    engine = create_engine(settings.database_url)
+    records = generate_records(settings.tenant, 900, seed=7, customers=60)
+    duplicates = random.Random(8).sample(records, 200)
+    app = create_scoring(settings)
+    try:
+        async with running(app) as client:
+            scorers = app.state.scorers
+            owned = lambda: [{tp.partition for tp in scorer.stored_offsets} for scorer in scorers]  # noqa: E731
+
+            async def each_consumer_has_partitions():
+                ready = await client.get("/readyz")
+                return ready.status_code == 200 and all(owned()) and ready.json()["assigned_partitions"] == list(range(6))
+
+            await wait_until(each_consumer_has_partitions)
+            assert len(scorers) == 3
+            assert sorted(partition for partitions in owned() for partition in partitions) == list(range(6))
+            await produce(settings, records + duplicates)
+            await wait_for_processed(engine, settings.tenant, len(records))
+            await asyncio.sleep(0.5)  # let any redelivered duplicate batch land too
+            assert all(scorer.batches > 0 for scorer in scorers), [scorer.batches for scorer in scorers]
+        assert all(scorer.drained for scorer in scorers)
+        buckets, customers = expected_state(settings, records)
+        assert await stage_totals(engine, settings.tenant) == buckets
+        assert_customers_match(await customer_rows(engine, settings.tenant), customers)
     finally:
         await engine.dispose()
 

@@ -49,9 +49,10 @@ async def test_a_service_started_from_the_command_line_writes_json_log_lines(pos
         )
     try:
         if service == "scoring":
-            # The consumer says which partitions it resumed, and from where.
+            # Each of the process's consumers says which partitions it resumed, and from where.
             line = wait_for_line(log_path, lambda line: "resumed" in line["message"])
             assert line["name"] == "cem.scoring" and line["level"] == "INFO"
+            assert line["message"].startswith("consumer-")
         else:
             deadline = time.monotonic() + 30
             while True:

@@ -243,3 +243,18 @@ def test_a_transition_document_carries_the_alert_and_why():
         "alert": document,
     }  # fmt: skip
     assert document["opened_at"] == AT.isoformat() and document["acknowledged_at"] is None
+
+
+def test_an_update_names_its_own_events_first_then_those_named_before():
+    earlier = {"events": 21, "last_event_ids": ["e6", "e5", "e4", "e3", "e2", "e1"]}
+    update = {"events": 25, "last_event_ids": ["e10", "e9", "e8", "e7", "e6"]}
+    merged = alerting.with_earlier_event_ids(update, earlier)
+    assert merged["last_event_ids"] == ["e10", "e9", "e8", "e7", "e6", "e5", "e4", "e3", "e2", "e1"]
+    assert merged["events"] == 25 and update["last_event_ids"] == ["e10", "e9", "e8", "e7", "e6"]
+    # At most MAX_EVIDENCE_EVENTS, the newest kept.
+    many = alerting.with_earlier_event_ids({"last_event_ids": ["e12", "e11"]}, merged)
+    assert many["last_event_ids"] == ["e12", "e11", *merged["last_event_ids"][:8]]
+    # A re-evaluation without new events keeps the ids; with none anywhere, the evidence is as given.
+    assert alerting.with_earlier_event_ids({"events": 0}, earlier)["last_event_ids"] == earlier["last_event_ids"]
+    assert alerting.with_earlier_event_ids({"events": 0}, {"events": 3}) == {"events": 0}
+    assert alerting.with_earlier_event_ids({"events": 0}, None) == {"events": 0}
