@@ -211,7 +211,9 @@ async def test_a_process_with_several_consumers_splits_the_partitions_and_scores
     try:
         async with running(app) as client:
             scorers = app.state.scorers
-            owned = lambda: [{tp.partition for tp in scorer.stored_offsets} for scorer in scorers]  # noqa: E731
+
+            def owned() -> list[set[int]]:
+                return [{tp.partition for tp in scorer.stored_offsets} for scorer in scorers]
 
             async def each_consumer_has_partitions():
                 ready = await client.get("/readyz")

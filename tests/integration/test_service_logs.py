@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from services.core.embedded import free_port
+from services.core.embedded import free_port, wait_for_port
 from services.core.kafka import ensure_topics
 from services.core.settings import REPO_ROOT
 from tests.conftest import make_settings
@@ -54,14 +54,8 @@ async def test_a_service_started_from_the_command_line_writes_json_log_lines(pos
             assert line["name"] == "cem.scoring" and line["level"] == "INFO"
             assert line["message"].startswith("consumer-")
         else:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                    time.sleep(0.1)
+            wait_for_port(port, 30, process)
+            response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
             line = wait_for_line(log_path, lambda line: line["name"] == "cem.access")
             assert (line["route"], line["status"]) == ("/readyz", response.status_code)
     finally:
