@@ -245,7 +245,7 @@ async def generate_customers(
     await conn.execute("SET maintenance_work_mem = '512MB'")
     for index in indexes:
         await conn.execute(f'DROP INDEX "{index["indexname"]}"')
-    # One statement: the quadrant_totals triggers (migration 0007) fire once, over all the rows
+    # One statement: the quadrant_totals triggers (migrations 0007, 0011) fire once, over all the rows
     # (~1 s of the load at 1 M customers), so the positioning map's totals are right for it.
     await conn.execute(
         """

@@ -19,7 +19,7 @@ from services.api.revenue import band_revenue_at, future_overcount, index_sum
 from services.api.svg import Bubble, render_positioning_map
 from services.core.access import requires
 from services.core.auth import SCORES_READ
-from services.core.db.schema import customers, quadrant_totals
+from services.core.db.schema import customers, quadrant_totals_live
 from services.core.http import AUTH_RESPONSES
 from services.core.scoring import QUADRANTS
 
@@ -62,12 +62,13 @@ async def positioning_map(
 ) -> PositioningMap:
     """A dependency, so that the JSON and the SVG endpoints share the query and its parameters.
 
-    The totals per quadrant are kept by triggers on customers (migration 0007): a few rows per
-    journey and quadrant, one per revenue band. A band values its customers' revenue decayed to
-    `now`; the customers whose last event is after `now` (clock skew, a pinned `now`) count at full
-    value instead, so their excess is taken back: an index range of the few such customers."""
+    The totals per quadrant are kept by triggers on customers (migrations 0007 and 0011): a few
+    rows per journey and quadrant, one per revenue band, the changes not folded yet included. A
+    band values its customers' revenue decayed to `now`; the customers whose last event is after
+    `now` (clock skew, a pinned `now`) count at full value instead, so their excess is taken back:
+    an index range of the few such customers."""
     journey = journey_filter(journey, journeys)
-    totals = quadrant_totals.c
+    totals = quadrant_totals_live.c
     bands = select(
         totals.quadrant,
         totals.band,

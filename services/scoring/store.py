@@ -198,9 +198,11 @@ async def score_batch(
     """Apply one batch inside the caller's transaction. Raises StaleOffsets if fenced off.
 
     The rows that other replicas of a tenant write too come last: the current minutes' stage
-    buckets with their roll-ups, after the customers with their quadrant totals. Their locks are
-    held until the commit, so the shorter the rest of the transaction after them, the less the
-    replicas queue on each other. Every replica takes them in this order, so none deadlock.
+    buckets with their roll-ups, behind the tenant's bucket lock (BUCKETS_LOCK_CLASS). Their
+    locks are held until the commit, so the shorter the rest of the transaction after them, the
+    less the replicas queue on each other. The customers' quadrant totals are shared too, but
+    their triggers only append deltas and fold them when no one else is folding (migration 0011):
+    no replica waits there.
 
     The pure work overlaps Postgres': the customer and customer-stage rows are computed while
     Postgres claims the events, the stage-bucket rows while it merges the customer stages. They
@@ -236,6 +238,7 @@ async def score_batch(
         hot = {(item.tenant, item.event.customer_id) for item in fresh if item.event.gap <= HOT_GAP}
         await _merge_customers(batch, customer_rows, by_tenant.keys(), hot, context, now, outcome)
         await batch.stage("scoring_buckets", bucket_rows)
+        await batch.fetch(_LOCK_TENANTS_BUCKETS, BUCKETS_LOCK_CLASS, list(by_tenant))
         await batch.execute(_ADD_STAGE_BUCKETS)
 
     await _store_offsets(batch, context.group_id, ranges)
@@ -305,6 +308,17 @@ def _differ(kept: bytes | None, other: bytes | None) -> bool:
 # --------------------------------------------------------------------------------------------
 # Stage buckets: plain sums.
 
+# pg_advisory_xact_lock(class, hashtext(tenant)): 'CSB', apart from the other classes. The minute
+# upsert locks its rows in one order, but it fires two roll-up triggers (migration 0006: the
+# inserted rows', then the updated rows'), each locking hour and day rows in order, not in one
+# order together: two batches of a tenant could each hold a roll-up row the other's second trigger
+# wants. Taken first, in tenant order, and held to the commit, this lock makes them queue instead.
+# The batch's alerts come after it, so a tenant's stage alerts are judged one batch at a time.
+BUCKETS_LOCK_CLASS = 0x435342
+_LOCK_TENANTS_BUCKETS = (
+    "SELECT pg_advisory_xact_lock($1, hashtext(tenant)) "
+    "FROM (SELECT DISTINCT tenant FROM unnest($2::text[]) AS tenant ORDER BY tenant) AS t"
+)
 _HISTOGRAM_BINS = 40
 # Element by element: an unnest/array_agg per conflicting row cost more than the rest of the upsert.
 _ADD_HISTOGRAMS = (

@@ -1,9 +1,10 @@
-"""quadrant_totals (migration 0007) against the customers it sums, after random writes.
+"""quadrant_totals (migrations 0007 and 0011) against the customers it sums, after random writes.
 
 Whatever statements write customers (the scoring upsert INSERT ... ON CONFLICT DO UPDATE with
-new and existing rows, COPY, the sweep's quadrant moves, deletes), the totals must be exactly the
-GROUP BY over the current rows: the statement triggers add the new rows and subtract the old, in
-exact numeric sums, so no history of updates leaves a residue.
+new and existing rows, COPY, the sweep's quadrant moves, deletes), the totals read through
+quadrant_totals_live must be exactly the GROUP BY over the current rows: the statement triggers
+append the new rows and subtract the old, in exact numeric sums, and fold them into the totals,
+so no history of updates leaves a residue. Writers of one tenant never wait for each other.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ EXPECTED = f"""
 """
 TOTALS = (
     "SELECT latest_journey, quadrant, band, customers, index_units, revenue_units "
-    "FROM quadrant_totals WHERE tenant = $1 ORDER BY latest_journey, quadrant, band"
+    "FROM quadrant_totals_live WHERE tenant = $1 ORDER BY latest_journey, quadrant, band"
 )
+FOLDED = TOTALS.replace("quadrant_totals_live", "quadrant_totals")
+PENDING = "SELECT count(*) FROM quadrant_total_deltas WHERE tenant = $1"
 
 
 def dsn(postgres) -> str:
@@ -136,6 +139,10 @@ async def check(postgres, ops: list[tuple], half_life_s: float, in_transaction: 
         # Exactly: counts, and the numeric sums to the last digit (no residue of removed rows).
         assert totals == expected
         assert all(row["customers"] > 0 for row in totals.values())  # emptied bands are dropped
+        # With no other writer folding, every statement folded its own deltas: the stored totals
+        # alone are exact, and their emptied bands are gone.
+        assert await conn.fetchval(PENDING, tenant) == 0
+        assert {key(row): dict(row) for row in await conn.fetch(FOLDED, tenant)} == expected
 
         # And valued at a time, against the revenue of each customer computed from its own row.
         # Tolerance: revenue_rank keeps log2 of the revenue in a float of magnitude ~now/half-life,
@@ -203,8 +210,51 @@ async def test_totals_follow_truncate_and_rebuild_recomputes_them(postgres):
             assert [dict(row) for row in await conn.fetch(TOTALS, tenant)] == kept
             await conn.execute("TRUNCATE customers")
             assert await conn.fetchval("SELECT count(*) FROM quadrant_totals") == 0
+            assert await conn.fetchval("SELECT count(*) FROM quadrant_total_deltas") == 0
         finally:
             await transaction.rollback()
     finally:
         await conn.execute("DELETE FROM customers WHERE tenant = $1", tenant)
         await conn.close()
+
+
+async def test_writers_of_one_tenant_do_not_wait_for_each_other(postgres):
+    """Two transactions write customers of one tenant (two scoring members, or the sweep): the
+    second commits while the first is still open, without waiting for it, and the totals read
+    what has committed, exactly, before and after the first commits and whoever folds."""
+    tenant = f"qt-{uuid.uuid4().hex[:10]}"
+    first, second, reader = [await asyncpg.connect(dsn(postgres)) for _ in range(3)]
+    half_life_s = 90 * 86400.0
+    row = {"customer_id": "c1", "journey": "hotel", "quadrant": "at_risk", "experience_index": -2.0,
+           "revenue": 500.0, "age_s": 60.0}  # fmt: skip
+    try:
+        await second.execute("SET lock_timeout = '2s'")  # waiting for `first` fails the test
+        open_transaction = first.transaction()
+        await open_transaction.start()
+        try:
+            await apply(first, tenant, ("upsert", [row, {**row, "customer_id": "c2"}]), half_life_s, 0)
+            # first now holds the fold; second appends its deltas and leaves them to a later fold.
+            newcomer = {**row, "customer_id": "c3", "quadrant": "growth"}
+            await apply(second, tenant, ("upsert", [newcomer]), half_life_s, 1)
+            await apply(second, tenant, ("move", ["c3"], "exemplary"), half_life_s, 2)
+            live = {r["quadrant"]: r["customers"] for r in await reader.fetch(TOTALS, tenant)}
+            assert live == {"exemplary": 1}  # second's committed rows only
+            assert await reader.fetchval(PENDING, tenant) > 0
+            await open_transaction.commit()
+        except BaseException:
+            await open_transaction.rollback()
+            raise
+        live = {r["quadrant"]: r["customers"] for r in await reader.fetch(TOTALS, tenant)}
+        assert live == {"at_risk": 2, "exemplary": 1}
+        expected = [dict(r) for r in await reader.fetch(EXPECTED, tenant)]
+        assert [dict(r) for r in await reader.fetch(TOTALS, tenant)] == expected
+        # The next write folds what second left: the stored totals alone are exact again.
+        await apply(second, tenant, ("delete", ["c2"]), half_life_s, 3)
+        assert await reader.fetchval(PENDING, tenant) == 0
+        assert [dict(r) for r in await reader.fetch(FOLDED, tenant)] == [
+            dict(r) for r in await reader.fetch(EXPECTED, tenant)
+        ]
+    finally:
+        await reader.execute("DELETE FROM customers WHERE tenant = $1", tenant)
+        for conn in (first, second, reader):
+            await conn.close()

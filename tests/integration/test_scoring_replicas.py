@@ -18,7 +18,7 @@ from services.core.db.engine import create_engine
 from services.core.journeys import JourneyCatalog, load_journeys
 from services.core.scoring import HalfLives, ScoredEvent, bucket_events
 from services.core.settings import Settings
-from services.scoring.store import ScoringContext, TenantEvent, score_batch
+from services.scoring.store import BUCKETS_LOCK_CLASS, ScoringContext, TenantEvent, score_batch
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,19 @@ async def wait_for_lock(conn, pid: int, timeout_s: float = 10.0) -> str:
     raise AssertionError(f"backend {pid} never waited for a lock")
 
 
+async def tables_written(conn, pid: int) -> set[str]:
+    """The tables backend `pid` has written in its open transaction (the statement text in
+    pg_stat_activity is not reliable for asyncpg's prepared statements)."""
+    rows = await conn.execute(
+        text(
+            "SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "WHERE l.pid = :pid AND l.granted AND l.mode = 'RowExclusiveLock' AND c.relkind = 'r'"
+        ),
+        {"pid": pid},
+    )
+    return {row.relname for row in rows}
+
+
 async def test_a_second_replica_waits_only_at_the_shared_rows_and_both_commit(postgres):
     tenant = f"replicas-{uuid.uuid4().hex[:10]}"
     journeys = load_journeys(Settings().journeys_dir)
@@ -79,11 +92,23 @@ async def test_a_second_replica_waits_only_at_the_shared_rows_and_both_commit(po
             )
             try:
                 wait_event = await wait_for_lock(observer, second_pid)
-                # Past its own rows (the ledger, its customer stages), it waits for the tenant's
-                # quadrant totals (their triggers' advisory lock), which the first replica's open
-                # transaction holds. Before the shared rows came last, it waited at the first
-                # replica's bucket rows ("transactionid") right after its claim.
+                # Past its own rows (the ledger, its customer stages, its customers and their
+                # quadrant deltas, which only append since migration 0011), it waits for the
+                # tenant's bucket lock, which the first replica's open transaction holds. It left
+                # the quadrant fold to the first, which holds it, and did not touch the totals.
+                # Before 0011 it waited at the quadrant totals' lock, right after its customers;
+                # before the shared rows came last, at the buckets right after its claim.
                 assert wait_event == "advisory"
+                waited_class = (
+                    await observer.execute(
+                        text("SELECT classid FROM pg_locks WHERE pid = :pid AND locktype = 'advisory' AND NOT granted"),
+                        {"pid": second_pid},
+                    )
+                ).scalar_one()
+                assert waited_class == BUCKETS_LOCK_CLASS
+                written = await tables_written(observer, second_pid)
+                assert {"processed_events", "customer_stages", "customers", "quadrant_total_deltas"} <= written
+                assert not written & {"stage_buckets", "quadrant_totals"}, written
                 assert not scoring.done()
 
                 await first_transaction.commit()

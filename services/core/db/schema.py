@@ -16,7 +16,9 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    column,
     func,
+    table,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
@@ -140,7 +142,10 @@ customers = Table(
 )
 
 # The positioning map's totals per (tenant, latest journey, quadrant, revenue band), kept by
-# statement triggers on customers (migration 0007), so the map reads a handful of rows. A customer
+# statement triggers on customers (migrations 0007 and 0011), so the map reads a handful of rows.
+# The triggers append each statement's changes to quadrant_total_deltas, folded into the totals
+# by whichever writer is not waiting for another to fold; read quadrant_totals_live, which adds
+# the deltas not folded yet. A customer
 # adds round(2 ** (revenue_rank - 16 * band + 46)) to the band floor(revenue_rank / 16), so a band
 # is worth revenue_units * 2 ** (16 * band - 46 - now / revenue_half_life) at `now`, and
 # round(experience_index * 2 ** 40) to index_units (services/api/revenue.py). Integer sums:
@@ -156,6 +161,15 @@ quadrant_totals = Table(
     Column("index_units", Numeric, nullable=False),
     Column("revenue_units", Numeric, nullable=False),
     PrimaryKeyConstraint("tenant", "latest_journey", "quadrant", "band"),
+)
+quadrant_total_deltas = Table(
+    "quadrant_total_deltas",
+    metadata,
+    *(Column(item.name, item.type, nullable=False) for item in quadrant_totals.c),
+)
+# A view (migration 0011): quadrant_totals plus quadrant_total_deltas, summed per band.
+quadrant_totals_live = table(
+    "quadrant_totals_live", *(column(item.name, item.type) for item in quadrant_totals.c)
 )
 
 
