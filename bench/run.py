@@ -43,7 +43,8 @@ PARTITIONS = 12  # the service's default topic_partitions
 # The scoring services' backends at work (the benchmark's own connection left out): waiting on a
 # lock (wait_event_type Lock) means waiting for another transaction, another replica's batch.
 # An advisory lock's wait names its class (the first key), so that a wait is attributed to the
-# lock it queues on: 'CQT' the quadrant totals, 'CEM' the alert transition log.
+# lock it queues on: 'CSB' a tenant's stage buckets, 'CEM' the alert transition log ('CQT', the
+# quadrant totals' lock, is not taken since migration 0011).
 _SCORING_BACKENDS = (
     "SELECT a.wait_event_type, a.wait_event, (SELECT l.classid FROM pg_locks l WHERE l.pid = a.pid "
     "AND l.locktype = 'advisory' AND NOT l.granted LIMIT 1) AS advisory_class "
