@@ -32,7 +32,6 @@ import importlib.util
 from pathlib import Path
 
 from alembic import op
-import sqlalchemy as sa
 
 revision = "0011"
 down_revision = "0010"
@@ -115,17 +114,9 @@ def _rebuild_function() -> str:
 
 
 def upgrade() -> None:
-    # No key: rows are only appended and taken whole by the fold.
-    op.create_table(
-        "quadrant_total_deltas",
-        sa.Column("tenant", sa.Text(), nullable=False),
-        sa.Column("latest_journey", sa.Text(), nullable=False),
-        sa.Column("quadrant", sa.Text(), nullable=False),
-        sa.Column("band", sa.BigInteger(), nullable=False),
-        sa.Column("customers", sa.BigInteger(), nullable=False),
-        sa.Column("index_units", sa.Numeric(), nullable=False),
-        sa.Column("revenue_units", sa.Numeric(), nullable=False),
-    )
+    # The totals' columns (and NOT NULLs), without their key: rows are only appended and taken
+    # whole by the fold.
+    op.execute("CREATE TABLE quadrant_total_deltas (LIKE quadrant_totals)")
     op.execute(
         "CREATE VIEW quadrant_totals_live AS "
         f"SELECT {KEY}, sum(customers)::bigint AS customers, sum(index_units) AS index_units, "
