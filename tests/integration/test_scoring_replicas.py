@@ -142,3 +142,62 @@ async def test_a_second_replica_waits_only_at_the_shared_rows_and_both_commit(po
     )
     assert (customers.n, customers.events) == (70, 70)
     assert claimed == 70
+
+
+def at(replica: str, number: int, occurred: datetime) -> ScoredEvent:
+    return ScoredEvent(
+        event_id=f"{replica}-x{number}", customer_id=f"{replica}-c{number}", journey="hotel", stage="check-in",
+        touchpoint="front-desk", channel="in_person", occurred_s=occurred.timestamp(), experience=7.0,
+        expectation=6.0, promise=8.0, weight=1.0, revenue=10.0,
+    )  # fmt: skip
+
+
+async def test_batches_that_insert_and_update_buckets_of_two_days_in_opposite_ways_do_not_deadlock(postgres):
+    """A bucket upsert fires two roll-up triggers, one for the rows it updated and one for those it
+    inserted, each locking its hour and day rows in order, but not in one order together. Batch
+    A updates a minute of day 2 and inserts one in day 1; batch B the other way round. A third
+    transaction holds their hour rows until both wait for them: each then holds its first
+    trigger's rows of one day and its second trigger wants the other's (without the tenant's
+    bucket lock Postgres aborts one: `DeadlockDetectedError`). With the lock, B waits for A before
+    it touches a shared row, and both commit."""
+    tenant = f"rollups-{uuid.uuid4().hex[:10]}"
+    journeys = load_journeys(Settings().journeys_dir)
+    context = ScoringContext("replicas-test", HALF_LIVES, JourneyCatalog({"hotel": journeys["hotel"]}))
+    midnight = NOW.replace(hour=0)
+    hour_1, hour_2 = midnight - timedelta(minutes=30), midnight + timedelta(minutes=30)  # two days
+    engine = create_engine(postgres.url(), pool_size=4)
+
+    async def score(conn, batch: list[ScoredEvent]) -> None:
+        async with conn.begin():
+            await score_batch(conn, [TenantEvent(tenant, item, NOW.timestamp()) for item in batch], [], context, NOW)
+
+    try:
+        async with engine.connect() as setup:  # the minutes that the batches then update
+            await score(setup, [at("s", 0, hour_1), at("s", 1, hour_2)])
+        async with engine.connect() as one, engine.connect() as two, engine.connect() as holder, \
+                engine.connect() as observer:  # fmt: skip
+            pids = [(await conn.get_raw_connection()).driver_connection.get_server_pid() for conn in (one, two)]
+            hours_held = await holder.begin()
+            hold = text("UPDATE stage_buckets_hourly SET events = events WHERE tenant = :t")
+            await holder.execute(hold, {"t": tenant})
+            batches = [
+                asyncio.create_task(score(one, [at("a", 0, hour_2), at("a", 1, hour_1 + timedelta(minutes=5))])),
+                asyncio.create_task(score(two, [at("b", 0, hour_1), at("b", 1, hour_2 + timedelta(minutes=5))])),
+            ]
+            try:
+                for pid in pids:
+                    await wait_for_lock(observer, pid)
+                await hours_held.rollback()
+                await asyncio.wait_for(asyncio.gather(*batches), 30)
+            finally:
+                for batch in batches:  # a failed check: stop them before their connections close
+                    batch.cancel()
+                await asyncio.gather(*batches, return_exceptions=True)
+            days = (
+                await observer.execute(
+                    text("SELECT day, events FROM stage_buckets_daily WHERE tenant = :t ORDER BY day"), {"t": tenant}
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    assert [(row.day, row.events) for row in days] == [(midnight - timedelta(days=1), 3), (midnight, 3)]
