@@ -238,7 +238,7 @@ async def score_batch(
         hot = {(item.tenant, item.event.customer_id) for item in fresh if item.event.gap <= HOT_GAP}
         await _merge_customers(batch, customer_rows, by_tenant.keys(), hot, context, now, outcome)
         await batch.stage("scoring_buckets", bucket_rows)
-        await batch.fetch(_LOCK_TENANTS_BUCKETS, BUCKETS_LOCK_CLASS, list(by_tenant))
+        await batch.execute(_LOCK_TENANTS_BUCKETS, BUCKETS_LOCK_CLASS, list(by_tenant))
         await batch.execute(_ADD_STAGE_BUCKETS)
 
     await _store_offsets(batch, context.group_id, ranges)

@@ -26,22 +26,20 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 HALF_LIVES = HalfLives(3600.0, 60.0, 600.0)
 
 
+def scored(
+    replica: str, number: int, occurred: datetime, experience: float = 7.0, revenue: float = 10.0
+) -> ScoredEvent:
+    """An event of customer `number` of `replica`, at the one stage, touchpoint and channel."""
+    return ScoredEvent(
+        event_id=f"{replica}-e{number}", customer_id=f"{replica}-c{number}", journey="hotel", stage="check-in",
+        touchpoint="front-desk", channel="in_person", occurred_s=occurred.timestamp(), experience=experience,
+        expectation=6.0, promise=8.0, weight=1.0, revenue=revenue,
+    )  # fmt: skip
+
+
 def events(replica: str, customers: int) -> list[ScoredEvent]:
     return [
-        ScoredEvent(
-            event_id=f"{replica}-e{number}",
-            customer_id=f"{replica}-c{number}",
-            journey="hotel",
-            stage="check-in",
-            touchpoint="front-desk",
-            channel="in_person",
-            occurred_s=(NOW - timedelta(minutes=number % 2)).timestamp(),
-            experience=float(number % 10),
-            expectation=6.0,
-            promise=8.0,
-            weight=1.0,
-            revenue=100.0 + number,
-        )
+        scored(replica, number, NOW - timedelta(minutes=number % 2), float(number % 10), 100.0 + number)
         for number in range(customers)
     ]
 
@@ -144,14 +142,6 @@ async def test_a_second_replica_waits_only_at_the_shared_rows_and_both_commit(po
     assert claimed == 70
 
 
-def at(replica: str, number: int, occurred: datetime) -> ScoredEvent:
-    return ScoredEvent(
-        event_id=f"{replica}-x{number}", customer_id=f"{replica}-c{number}", journey="hotel", stage="check-in",
-        touchpoint="front-desk", channel="in_person", occurred_s=occurred.timestamp(), experience=7.0,
-        expectation=6.0, promise=8.0, weight=1.0, revenue=10.0,
-    )  # fmt: skip
-
-
 async def test_batches_that_insert_and_update_buckets_of_two_days_in_opposite_ways_do_not_deadlock(postgres):
     """A bucket upsert fires two roll-up triggers, one for the rows it updated and one for those it
     inserted, each locking its hour and day rows in order, but not in one order together. Batch
@@ -173,16 +163,17 @@ async def test_batches_that_insert_and_update_buckets_of_two_days_in_opposite_wa
 
     try:
         async with engine.connect() as setup:  # the minutes that the batches then update
-            await score(setup, [at("s", 0, hour_1), at("s", 1, hour_2)])
+            await score(setup, [scored("s", 0, hour_1), scored("s", 1, hour_2)])
         async with engine.connect() as one, engine.connect() as two, engine.connect() as holder, \
                 engine.connect() as observer:  # fmt: skip
             pids = [(await conn.get_raw_connection()).driver_connection.get_server_pid() for conn in (one, two)]
             hours_held = await holder.begin()
             hold = text("UPDATE stage_buckets_hourly SET events = events WHERE tenant = :t")
             await holder.execute(hold, {"t": tenant})
+            later = timedelta(minutes=5)  # a minute of that hour with no bucket yet
             batches = [
-                asyncio.create_task(score(one, [at("a", 0, hour_2), at("a", 1, hour_1 + timedelta(minutes=5))])),
-                asyncio.create_task(score(two, [at("b", 0, hour_1), at("b", 1, hour_2 + timedelta(minutes=5))])),
+                asyncio.create_task(score(one, [scored("a", 0, hour_2), scored("a", 1, hour_1 + later)])),
+                asyncio.create_task(score(two, [scored("b", 0, hour_1), scored("b", 1, hour_2 + later)])),
             ]
             try:
                 for pid in pids:

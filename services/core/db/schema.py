@@ -162,11 +162,6 @@ quadrant_totals = Table(
     Column("revenue_units", Numeric, nullable=False),
     PrimaryKeyConstraint("tenant", "latest_journey", "quadrant", "band"),
 )
-quadrant_total_deltas = Table(
-    "quadrant_total_deltas",
-    metadata,
-    *(Column(item.name, item.type, nullable=False) for item in quadrant_totals.c),
-)
 # A view (migration 0011): quadrant_totals plus quadrant_total_deltas, summed per band.
 quadrant_totals_live = table(
     "quadrant_totals_live", *(column(item.name, item.type) for item in quadrant_totals.c)
