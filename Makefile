@@ -35,6 +35,7 @@ bench: $(BIN)/.installed
 bench-smoke: $(BIN)/.installed
 	$(BIN)/python -m bench --smoke
 	$(BIN)/python -m bench.customer_rows --customers 200 2000 --events 200 --rounds 2
+	$(BIN)/python -m bench.quadrant_reads --customers 200 2000 --rounds 2
 
 clean:
 	rm -rf $(VENV) .cem .pytest_cache .hypothesis

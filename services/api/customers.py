@@ -25,7 +25,7 @@ from services.api.parameters import (
     parse_order,
     parse_quadrant,
 )
-from services.api.revenue import revenue_at
+from services.core.revenue import revenue_at
 from services.core.access import requires
 from services.core.alerting import CUSTOMER_KINDS, alert_document
 from services.core.auth import SCORES_READ

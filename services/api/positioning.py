@@ -8,20 +8,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from sqlalchemy import Double, cast, select
 
 from services.api.customers import Quadrant
 from services.api.deps import (
     EngineDep, JourneysDep, NowDep, SettingsDep, TenantDep, autocommit_connection, journey_filter,
 )  # fmt: skip
 from services.api.errors import INVALID, UNAVAILABLE
-from services.api.revenue import band_revenue_at, future_overcount, index_sum
 from services.api.svg import Bubble, render_positioning_map
 from services.core.access import requires
 from services.core.auth import SCORES_READ
-from services.core.db.schema import customers, quadrant_totals_live
+from services.core.db.quadrant_totals import quadrant_sums
 from services.core.http import AUTH_RESPONSES
-from services.core.scoring import QUADRANTS
 
 router = APIRouter(tags=["positioning map"], dependencies=[requires(SCORES_READ)], responses=AUTH_RESPONSES)
 
@@ -60,56 +57,20 @@ async def positioning_map(
     now: NowDep,
     journey: JourneyQuery = None,
 ) -> PositioningMap:
-    """A dependency, so that the JSON and the SVG endpoints share the query and its parameters.
-
-    The totals per quadrant are kept by triggers on customers (migrations 0007 and 0011): a few
-    rows per journey and quadrant, one per revenue band, the changes not folded yet included. A
-    band values its customers' revenue decayed to `now`; the customers whose last event is after
-    `now` (clock skew, a pinned `now`) count at full value instead, so their excess is taken back:
-    an index range of the few such customers."""
+    """A dependency, so that the JSON and the SVG endpoints share the query and its parameters."""
     journey = journey_filter(journey, journeys)
-    totals = quadrant_totals_live.c
-    bands = select(
-        totals.quadrant,
-        totals.band,
-        totals.customers,
-        cast(totals.index_units, Double).label("index_units"),
-        cast(totals.revenue_units, Double).label("revenue_units"),
-    ).where(totals.tenant == tenant)
-    ahead = select(customers.c.quadrant, customers.c.revenue_sum, customers.c.last_event_at).where(
-        customers.c.tenant == tenant, customers.c.last_event_at > now
-    )
-    if journey is not None:
-        bands = bands.where(totals.latest_journey == journey)
-        ahead = ahead.where(customers.c.latest_journey == journey)
     async with autocommit_connection(engine) as connection:
-        band_rows = (await connection.execute(bands)).all()
-        ahead_rows = (await connection.execute(ahead)).all()
-
-    half_life_s, now_s = settings.revenue_half_life_s, now.timestamp()
-    counts = dict.fromkeys(QUADRANTS, 0)
-    index_sums = dict.fromkeys(QUADRANTS, 0.0)
-    revenues = dict.fromkeys(QUADRANTS, 0.0)
-    for row in band_rows:
-        counts[row.quadrant] += row.customers
-        index_sums[row.quadrant] += index_sum(row.index_units)
-        revenues[row.quadrant] += band_revenue_at(row.revenue_units, row.band, now_s, half_life_s)
-    for row in ahead_rows:
-        revenues[row.quadrant] -= future_overcount(row.revenue_sum, row.last_event_at, now, half_life_s)
-
-    quadrants = []
-    for name in QUADRANTS:
-        count = counts[name]
-        total = max(revenues[name], 0.0) if count else 0.0  # no negative zero-ish residue of the take-back
-        quadrants.append(
-            QuadrantFigures(
-                quadrant=name,
-                customers=count,
-                revenue=total,
-                mean_experience_index=index_sums[name] / count if count else None,
-                mean_revenue=total / count if count else None,
-            )
+        sums = await quadrant_sums(connection, tenant, now, settings.revenue_half_life_s, journey)
+    quadrants = [
+        QuadrantFigures(
+            quadrant=name,
+            customers=figures.customers,
+            revenue=figures.revenue,
+            mean_experience_index=figures.index_sum / figures.customers if figures.customers else None,
+            mean_revenue=figures.revenue / figures.customers if figures.customers else None,
         )
+        for name, figures in sums.items()
+    ]
     shown = [journeys[journey]] if journey is not None else list(journeys.values())
     return PositioningMap(
         as_of=now,

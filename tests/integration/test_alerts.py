@@ -541,6 +541,38 @@ async def test_metrics_count_transitions_and_open_alerts(stack):
     assert "cem_alert_transitions_total" in metrics
 
 
+async def test_customer_gauges_equal_a_count_over_the_customers(stack):
+    """cem_customers and cem_revenue come from the quadrant totals: they must equal a GROUP BY over
+    the tenant's customers, revenue valued at the database's now (future events at full value); rel=1e-6
+    allows for the seconds between the two reads (2 ** -(1 / 7.8e6) per second at 90 days)."""
+    t = stack.settings.tenant
+    await score(
+        stack,
+        [
+            touch(t, "g-kept", "reservation", 9.5, revenue=5000),
+            touch(t, "g-poor", "reservation", 1.0, revenue=10),
+            touch(t, "g-ahead", "reservation", 6.0, revenue=900, minutes_ago=-2),  # counted at full value
+        ],
+    )
+    async with stack.engine.connect() as conn:
+        await refresh_gauges(stack.engine, stack.settings)
+        rows = await conn.execute(
+            text(
+                "SELECT quadrant, count(*) AS customers, sum(revenue_sum * "
+                "power(2, least(0, extract(epoch FROM last_event_at - now())) / :half_life)) AS revenue "
+                "FROM customers WHERE tenant = :tenant GROUP BY quadrant"
+            ),
+            {"tenant": stack.settings.tenant, "half_life": stack.settings.revenue_half_life_s},
+        )
+        counted = {row.quadrant: row for row in rows}
+    assert sum(row.customers for row in counted.values()) >= 3
+    for quadrant in ("exemplary", "growth", "at_risk", "disengaged"):
+        row = counted.get(quadrant)
+        assert REGISTRY.get_sample_value("cem_customers", {"quadrant": quadrant}) == (row.customers if row else 0)
+        revenue = REGISTRY.get_sample_value("cem_revenue", {"quadrant": quadrant})
+        assert revenue == pytest.approx(float(row.revenue) if row else 0.0, rel=1e-6, abs=1e-6), quadrant
+
+
 # --------------------------------------------------------------------------------------------
 # The relays on their own.
 

@@ -27,7 +27,7 @@ from services.api.deps import get_now
 from services.core.db.engine import create_engine
 from services.core.db.schema import customer_stages, customers, stage_buckets
 from services.core.embedded import free_port
-from services.core.journeys import Journey, load_journeys
+from services.core.journeys import load_journeys
 from services.core.scoring import (
     NEGATIVE_EMOTIONS,
     QUADRANTS,
@@ -311,7 +311,7 @@ async def test_stages_window_defaults_to_one_hour(api, dataset):
 async def test_touchpoint_figures_are_split_by_touchpoint_and_channel(api, dataset):
     journey = JOURNEYS["car-rental"]
     stage = journey.stage("pickup")
-    response = await api.get(f"/v1/journeys/car-rental/stages/pickup/touchpoints", params={"window": "7d"})
+    response = await api.get("/v1/journeys/car-rental/stages/pickup/touchpoints", params={"window": "7d"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["stage"] == "pickup" and body["window"] == "7d"

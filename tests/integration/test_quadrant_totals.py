@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services.api.revenue import INDEX_UNIT_BITS, REVENUE_BAND_BITS, REVENUE_UNIT_BITS, band_revenue_at, index_sum
+from services.core.revenue import INDEX_UNIT_BITS, REVENUE_BAND_BITS, REVENUE_UNIT_BITS, band_revenue_at, index_sum
 from services.core.scoring import QUADRANTS, revenue_rank
 
 pytestmark = pytest.mark.integration

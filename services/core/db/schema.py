@@ -148,7 +148,7 @@ customers = Table(
 # the deltas not folded yet. A customer
 # adds round(2 ** (revenue_rank - 16 * band + 46)) to the band floor(revenue_rank / 16), so a band
 # is worth revenue_units * 2 ** (16 * band - 46 - now / revenue_half_life) at `now`, and
-# round(experience_index * 2 ** 40) to index_units (services/api/revenue.py). Integer sums:
+# round(experience_index * 2 ** 40) to index_units (services/core/revenue.py). Integer sums:
 # removing a customer subtracts exactly what adding it added, nothing drifts.
 quadrant_totals = Table(
     "quadrant_totals",

@@ -45,7 +45,7 @@ down_revision = "0006"
 branch_labels = None
 depends_on = None
 
-# Frozen here (services/api/revenue.py reads the units with the same constants).
+# Frozen here (services/core/revenue.py reads the units with the same constants).
 BAND_BITS = 16
 REVENUE_UNIT_BITS = 46
 INDEX_UNIT_BITS = 40
