@@ -9,7 +9,8 @@ streams on uvloop) and parses only the status line and Content-Length. Two modes
 - open loop (`rate` = requests/s): requests are due on a fixed schedule whatever the answers;
   latency counts from the due time, so a stalled server is not hidden (no coordinated omission).
 
-Run: `python -m bench.httpload '<json spec>'`; prints one JSON result line.
+Run: `python -m bench.httpload '<json spec>'`; prints one JSON result line. `measure(spec)` runs it so
+from Python and adds the rates and latencies in milliseconds.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import asyncio
 import itertools
 import os
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 
@@ -205,6 +208,34 @@ async def run(spec: Spec) -> Result:
     return result
 
 
+def measure(spec: dict) -> dict:
+    """Run the generator on `spec` (the fields of Spec) in its own process; raise unless nearly
+    every request was answered 2xx. The result has `rps`, `events_per_s` and `p50_ms` ... `max_ms`."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.httpload", "-"],
+        input=orjson.dumps(spec),
+        capture_output=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=spec["duration_s"] + spec.get("warmup_s", Spec.warmup_s) + 60,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.decode()[-2000:]}")
+    result = orjson.loads(done.stdout.splitlines()[-1])
+    result["rps"] = result["ok"] / result["elapsed_s"] if result["elapsed_s"] > 0 else 0.0
+    result["events_per_s"] = result["events"] / result["elapsed_s"] if result["elapsed_s"] > 0 else 0.0
+    result["client_cpu_share"] = result["client_cpu_s"] / max(result["elapsed_s"], 1e-9)
+    latency = result.pop("latency_s")
+    for name in ("p50", "p90", "p99", "max"):
+        result[f"{name}_ms"] = None if latency[name] is None else latency[name] * 1000
+    failures = result["requests"] - result["ok"] + sum(result["errors"].values())
+    if result["ok"] == 0 or failures > max(5, 0.01 * result["requests"]):
+        raise RuntimeError(
+            f"load on port {spec['port']}: {result['ok']} ok of {result['requests']}, statuses {result['statuses']}, "
+            f"errors {result['errors']}, first error body: {result['first_error_body']}"
+        )
+    return result
+
+
 def main() -> None:
     spec = Spec(**orjson.loads(sys.argv[1] if sys.argv[1] != "-" else sys.stdin.buffer.read()))
     try:
@@ -217,11 +248,11 @@ def main() -> None:
     result = asyncio.run(run(spec))
     summary = dict(result.__dict__)
     latencies = sorted(summary.pop("latencies"))
-    summary["latency_s"] = {name: _quantile(latencies, q) for name, q in QUANTILES.items()}
+    summary["latency_s"] = {name: quantile(latencies, q) for name, q in QUANTILES.items()}
     summary["latency_s"]["max"] = latencies[-1] if latencies else None
     lags = sorted(summary.pop("start_lags"))
     if lags:
-        summary["start_lag_ms"] = {name: 1000 * _quantile(lags, q) for name, q in QUANTILES.items()}
+        summary["start_lag_ms"] = {name: 1000 * quantile(lags, q) for name, q in QUANTILES.items()}
         summary["start_lag_ms"]["max"] = 1000 * lags[-1]
     os.set_blocking(sys.stdout.fileno(), True)  # the event loop may have left it non-blocking
     sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")
@@ -231,7 +262,7 @@ def main() -> None:
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
 
 
-def _quantile(ordered: list[float], q: float) -> float | None:
+def quantile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
     rank = q * (len(ordered) - 1)

@@ -29,7 +29,7 @@ import httpx
 import orjson
 from sqlalchemy.dialects import postgresql
 
-from bench import data
+from bench import data, httpload
 from bench.stack import REPO_ROOT, Service, Stack, cpu_seconds, create_topic, new_work_dir, postgres_cpu_seconds, ready
 from services.api.buckets import stage_sums_query
 from services.core.bucket_windows import MINUTE, Window
@@ -276,32 +276,7 @@ class Bench:
             warmup_s=warmup_s,
             headers=headers,
         )
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "bench.httpload", "-"],
-            input=orjson.dumps(spec),
-            capture_output=True,
-            cwd=REPO_ROOT,
-            timeout=duration_s + warmup_s + 60,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"load generator failed: {done.stderr.decode()[-2000:]}")
-        result = orjson.loads(done.stdout.splitlines()[-1])
-        result["rps"] = result["ok"] / result["elapsed_s"] if result["elapsed_s"] > 0 else 0.0
-        result["events_per_s"] = result["events"] / result["elapsed_s"] if result["elapsed_s"] > 0 else 0.0
-        result["client_cpu_share"] = result["client_cpu_s"] / max(result["elapsed_s"], 1e-9)
-        latency = result.pop("latency_s")
-        result["p50_ms"] = _ms(latency["p50"])
-        result["p90_ms"] = _ms(latency["p90"])
-        result["p99_ms"] = _ms(latency["p99"])
-        result["max_ms"] = _ms(latency["max"])
-        failures = result["requests"] - result["ok"] + sum(result["errors"].values())
-        if result["ok"] == 0 or failures > max(5, 0.01 * result["requests"]):
-            raise RuntimeError(
-                f"load on port {port}: {result['ok']} ok of {result['requests']}, statuses {result['statuses']}, "
-                f"errors {result['errors']}, first error body: {result['first_error_body']}"
-            )
-        return result
+        return await asyncio.to_thread(httpload.measure, spec)
 
     def profile(self, child: Service, name: str, duration_s: float) -> subprocess.Popen | None:
         """py-spy on a child for the measured phase, when --profile (collapsed stacks per name)."""

@@ -47,6 +47,7 @@ def create_consumer(settings: Settings, **overrides) -> AIOKafkaConsumer:
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_poll_records=settings.scoring_max_batch,
+        fetch_max_wait_ms=settings.scoring_fetch_max_wait_ms,
         session_timeout_ms=settings.scoring_session_timeout_ms,
         rebalance_timeout_ms=settings.scoring_rebalance_timeout_ms,
         heartbeat_interval_ms=min(1_000, settings.scoring_session_timeout_ms // 3),

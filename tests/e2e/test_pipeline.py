@@ -4,6 +4,7 @@ HTTP out of the query API. Figures are checked against a computation made in the
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import random
@@ -21,6 +22,7 @@ import pytest
 from services.api.app import create_app as create_api
 from services.core.embedded import free_port
 from services.core.journeys import load_journeys
+from services.core.settings import REPO_ROOT
 from services.ingest.app import create_app as create_ingest
 from services.scoring.app import create_app as create_scoring
 
@@ -159,6 +161,7 @@ def test_cem_dev_starts_the_stack_and_scores_a_posted_event(tmp_path):
         "CEM_INGEST_PORT": str(ports["ingest"]),
         "CEM_SCORING_PORT": str(ports["scoring"]),
         "CEM_SCORING_REBALANCE_TIMEOUT_MS": "1000",
+        "CEM_RATE_LIMIT_PER_S": "0",  # as docs/performance.md says to, for bench.outside below
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "dev", "--data-dir", str(tmp_path / "data")],
@@ -204,6 +207,22 @@ def test_cem_dev_starts_the_stack_and_scores_a_posted_event(tmp_path):
             time.sleep(0.3)
         assert customer.status_code == 200, customer.text
         assert customer.json()["quadrant"] == "at_risk"
+
+        # The benchmark's figures from outside (bench/outside.py), briefly: every phase runs and
+        # gives a figure, and scoring counts every event accepted (or the tool raises).
+        figures_file = tmp_path / "outside.json"
+        outside = subprocess.run(
+            [
+                sys.executable, "-m", "bench.outside", "--key", key, "--seconds", "1", "--burst", "1000",
+                "--out", str(figures_file),
+                *(f"--{name}=http://127.0.0.1:{port}" for name, port in ports.items()),
+            ],
+            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        )  # fmt: skip
+        assert outside.returncode == 0, outside.stdout + outside.stderr
+        figures = json.loads(figures_file.read_text())["figures"]
+        assert len(figures) == 20 and all(value is not None for value in figures.values()), figures
+        assert all(figures[name] > 0 for name in figures if not name.startswith("outside_scoring_caught_up")), figures
     finally:
         process.send_signal(signal.SIGINT)
         try:
