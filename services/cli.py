@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import typer
 
 from services.core.settings import REPO_ROOT, Settings
@@ -285,6 +284,8 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(metavar="ID", help="the ke
 
 
 def _wait_ready(url: str, timeout_s: float, process: subprocess.Popen) -> None:
+    import httpx  # here, not at the top: every service starts through this module (0.1 s)
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

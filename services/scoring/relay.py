@@ -28,7 +28,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
@@ -182,6 +181,8 @@ class WebhookAlerts:
         self.secret = settings.alert_webhook_secret.get_secret_value() if settings.alert_webhook_secret else None
         self.max_attempts = settings.alert_webhook_max_attempts
         self.first_backoff_s = first_backoff_s
+        import httpx  # only with a webhook configured: the import is 0.1 s of every start-up
+
         self.client = httpx.AsyncClient(timeout=settings.alert_webhook_timeout_s)
 
     async def __call__(self, documents: list[dict[str, Any]]) -> None:
@@ -189,6 +190,8 @@ class WebhookAlerts:
             await self.post(document)
 
     async def post(self, document: dict[str, Any]) -> bool:
+        import httpx  # loaded by __init__ already
+
         body = encode(document)
         headers = {"content-type": "application/json", "x-cem-event-id": str(document["seq"])}
         if self.secret is not None:
