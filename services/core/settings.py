@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     scoring_poll_timeout_ms: int = Field(200, ge=1)
     # The longest a fetch waits at the broker for records. Kafka answers as soon as records arrive,
     # whatever this is; tansu (cem dev) answers only when it runs out, so it bounds how late a
-    # record is read there: the client's default of 500 ms made half of freshness (docs/performance.md).
+    # record is read there: the client's default, 500 ms, was most of figure 5's median (docs/performance.md).
     scoring_fetch_max_wait_ms: int = Field(100, ge=0, le=60_000)
     # Group members per scoring process, each with its own partitions and its own transaction at a
     # time: one's Python work runs while another's batch waits for Postgres (docs/performance.md).

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, event, exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -75,7 +79,7 @@ def require_server_version(connection: Connection, minimum: int = MIN_SERVER_VER
         )
 
 
-def alembic_config(database_url: str):
+def alembic_config(database_url: str) -> Config:
     # Imported here: only the migrations need Alembic, and importing it costs every service 0.1 s.
     from alembic.config import Config
 
