@@ -422,6 +422,17 @@ def _dev_key_help(dev_key: str | None, settings: Settings, base: str) -> str:
         f"  export CEM_KEY={dev_key}\n"
         f"  curl -s -H \"Authorization: Bearer $CEM_KEY\" {base}:{settings.api_port}/v1/positioning-map\n"
         f"  More keys: cem keys create --tenant {settings.tenant} --scopes events:write --name pos-1\n"
+        + _rate_limit_help(settings)
+    )
+
+
+def _rate_limit_help(settings: Settings) -> str:
+    if settings.rate_limit_per_s <= 0:
+        return "  Per-key rate limit: off. Load it from outside: python -m bench.outside (docs/performance.md)\n"
+    return (
+        f"  Each key may send {settings.rate_limit_per_s:g} requests/s (bursts of {settings.rate_limit_burst:g}), "
+        "then 429; to measure capacity,\n  start with CEM_RATE_LIMIT_PER_S=0 and run python -m bench.outside "
+        "(docs/performance.md)\n"
     )
 
 
