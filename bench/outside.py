@@ -123,7 +123,7 @@ class Outside:
         self.drain("single_half_rate", counted_before)
 
         counted_before = self.counted_by_scoring()
-        burst = [self.factory.events(500) for _ in range(args.burst // 500)]
+        burst = [self.factory.events(500) for _ in range(max(1, args.burst // 500))]
         with httpx.Client(base_url=args.ingest, headers=self.headers, timeout=30) as client:
             started = time.monotonic()
             for events in burst:
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     key = os.environ.get("CEM_KEY") or os.environ.get("CEM_API_KEY")
     parser.add_argument("--key", default=key, help="default: CEM_KEY, else CEM_API_KEY")
     parser.add_argument("--seconds", type=float, default=10.0, help="each load phase (default 10)")
-    parser.add_argument("--burst", type=int, default=50_000, help="events posted at once for phase 3")
+    parser.add_argument("--burst", type=int, default=50_000, help="events posted at once for phase 3 (batches of 500)")
     parser.add_argument("--out", help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     if not args.key:
