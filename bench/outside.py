@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import data, httpload
 from bench.run import histogram_delta, histogram_quantile, parse_histogram
@@ -70,31 +71,38 @@ class Outside:
         shown = "n/a" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
         print(f"{name} {shown} {unit}", flush=True)
 
-    def load(self, url: str, requests: list[dict], connections: int, rate: float | None = None, **spec) -> dict:
+    def load(
+        self, url: str, requests: list[dict], connections: int, rate: float | None = None, **spec
+    ) -> dict:
+        """bench.httpload against `url` for `--seconds` (unless `duration_s` is given) with the key."""
         address = urlsplit(url)
         result = httpload.measure(
-            dict(
-                host=address.hostname,
-                port=address.port,
-                requests=requests,
-                duration_s=self.args.seconds,
-                connections=connections,
-                rate=rate,
-                headers=self.headers,
+            {
+                "duration_s": self.args.seconds,
                 **spec,
-            )
+                "host": address.hostname,
+                "port": address.port,
+                "requests": requests,
+                "connections": connections,
+                "rate": rate,
+                "headers": self.headers,
+            }
         )
         if requests[0]["method"] == "POST":
             self.accepted += result["all_ok_events"]
         return result
 
+    def scoring_metrics(self) -> str:
+        return httpx.get(f"{self.args.scoring}/metrics", timeout=5).text
+
     def counted_by_scoring(self) -> int:
-        text = httpx.get(f"{self.args.scoring}/metrics", timeout=5).text
-        counted = 0
-        for line in text.splitlines():
-            if line.startswith("cem_scoring_events_total{"):
-                counted += int(float(line.rsplit(" ", 1)[1]))
-        return counted
+        """Records scoring has handled since it started, whatever the result (cem_scoring_events_total)."""
+        return sum(
+            int(sample.value)
+            for family in text_string_to_metric_families(self.scoring_metrics())
+            for sample in family.samples
+            if sample.name == "cem_scoring_events_total"
+        )
 
     def run(self) -> None:
         args = self.args
@@ -169,19 +177,16 @@ class Outside:
 
     def event_to_score(self) -> list[tuple[float, float]]:
         """Scoring's cem_event_to_score_seconds buckets, cumulative since it started."""
-        return parse_histogram(httpx.get(f"{self.args.scoring}/metrics", timeout=5).text, "cem_event_to_score_seconds")
+        return parse_histogram(self.scoring_metrics(), "cem_event_to_score_seconds")
 
     async def freshness(self) -> list[float]:
         """Milliseconds from posting a new customer's event to the first 200 of its lookup, while
         batches of 50 events arrive 20 times a second."""
         args = self.args
         background = [self.batch(50) for _ in range(200)]
-        address = urlsplit(args.ingest)
-        spec = dict(
-            host=address.hostname, port=address.port, requests=background, duration_s=args.seconds + 2.0,
-            connections=8, rate=20.0, headers=self.headers,
-        )  # fmt: skip
-        load = asyncio.create_task(asyncio.to_thread(httpload.measure, spec))
+        load = asyncio.create_task(
+            asyncio.to_thread(self.load, args.ingest, background, 8, rate=20.0, duration_s=args.seconds + 2.0)
+        )
         latencies: list[float] = []
         async with (
             httpx.AsyncClient(base_url=args.ingest, headers=self.headers, timeout=10) as ingest,

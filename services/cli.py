@@ -427,12 +427,12 @@ def _dev_key_help(dev_key: str | None, settings: Settings, base: str) -> str:
 
 
 def _rate_limit_help(settings: Settings) -> str:
+    measure = "python -m bench.outside (docs/performance.md)"
     if settings.rate_limit_per_s <= 0:
-        return "  Per-key rate limit: off. Load it from outside: python -m bench.outside (docs/performance.md)\n"
+        return f"  Per-key rate limit: off. Load it from outside: {measure}\n"
     return (
         f"  Each key may send {settings.rate_limit_per_s:g} requests/s (bursts of {settings.rate_limit_burst:g}), "
-        "then 429; to measure capacity,\n  start with CEM_RATE_LIMIT_PER_S=0 and run python -m bench.outside "
-        "(docs/performance.md)\n"
+        f"then 429; to measure capacity,\n  start with CEM_RATE_LIMIT_PER_S=0 and run {measure}\n"
     )
 
 
